@@ -1,0 +1,30 @@
+# Muse: the two set-up commands.  `make speedrun` and `make test` each create .venv if missing,
+# install the package (editable, with the dev extra) against constraints.txt, then do their job.
+# A second run skips the install: the stamp file is newer than pyproject.toml and constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.muse-installed
+
+.PHONY: install test speedrun lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+speedrun: $(STAMP)
+	$(BIN)/muse speedrun --out runs/speedrun
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

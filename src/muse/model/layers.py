@@ -1,0 +1,187 @@
+"""The parts of a decoder block: norms, rotary positions, attention, MLPs.
+
+Each module declares its parameters; their values come from the model's `init_weights()`
+(transformer.py), which knows the depth-dependent scales. Names follow the
+Llama reference / torchtitan (`wq wk wv wo`, `w1 w2 w3`) so a Hugging Face Llama checkpoint maps
+1:1 by renaming (docs/model.md has the table). Shapes in comments: B batch, T new tokens, S tokens
+attended (cache + new), H query heads, Hkv k/v heads, D head_dim, C d_model.
+
+These modules know nothing about optimizers, devices, distribution or where the KV cache lives; they
+only call `kv_cache.update(layer_idx, k, v)` (the protocol in kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muse.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019). Normalizes in float32 and casts back before the
+    weight, as HF Llama does, so bf16 activations get an fp32 reduction."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """RMSNorm for llama; LayerNorm with bias for gpt2 (as GPT-2)."""
+    dim = cfg.d_model if dim is None else dim
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=True)
+    return RMSNorm(dim, eps=cfg.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Tables of cos/sin for rotary position embeddings (Su et al. 2021, RoFormer), in the HF Llama
+    "rotate_half" layout: dimension i of a head is paired with dimension i + D/2 (not 2i with 2i+1 as
+    in Meta's original code), so HF q_proj/k_proj weights are used without any permutation.
+
+    The tables are non-persistent float32 buffers: they are not in the state_dict, and a model built on
+    the meta device has none, so `init_buffers()` must run after `to_empty()` (Transformer.init_weights
+    calls it). Footgun: `model.to(torch.bfloat16)` casts them too; call `init_buffers()` again after.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        device = self.cos.device
+        # inv_freq_i = theta^(-2i/D), i < D/2, computed exactly as HF's default rope init does.
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(device, torch.float32) / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponent)  # (D/2,)
+        t = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (max_seq_len, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, D): the same angle for i and i + D/2
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start .. start+length-1, each (length, D) float32."""
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the angles in cos/sin (T, D). Done in float32: in bf16 the rotation at
+    large positions loses the low bits that distinguish neighbouring tokens."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).type_as(x)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of T new queries (at positions start..start+T-1) over S = start + T keys.
+
+    Three cases, each picking the cheapest correct SDPA call:
+      start == 0:  the usual square causal mask (is_causal=True, flash-attention eligible);
+      T == 1:      one new token sees every key, no mask at all (decode);
+      otherwise:   a chunk after cached tokens needs an explicit bottom-right-aligned mask, since
+                   is_causal=True aligns the triangle to the top-left when T != S.
+    GQA: `enable_gqa=True` (torch >= 2.5) lets the kernel share k/v heads without copying, but with an
+    explicit mask it falls back to the slow math kernel on CUDA, so there we expand k/v by hand (the
+    same repeat as HF's repeat_kv: query head h uses k/v head h // (H // Hkv)).
+    """
+    T, S = q.size(2), k.size(2)
+    n_rep = q.size(1) // k.size(1)
+    if start == 0 and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=n_rep > 1)
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    q_pos = torch.arange(start, start + T, device=q.device)
+    mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # (T, S), True = may attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    """Causal self-attention through F.scaled_dot_product_attention.
+
+    llama: grouped-query (n_kv_head <= n_head), rotary on q and k, optional QK-norm (RMSNorm over each
+    head's D dims, before rotary, as Qwen3/OLMo2-style QK-norm), no biases.
+    gpt2: full multi-head attention with biases; positions come from the embedding, not from here.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        bias = cfg.arch == "gpt2"
+        d = cfg.d_model
+        self.wq = nn.Linear(d, self.n_head * self.head_dim, bias=bias)
+        self.wk = nn.Linear(d, self.n_kv_head * self.head_dim, bias=bias)
+        self.wv = nn.Linear(d, self.n_kv_head * self.head_dim, bias=bias)
+        self.wo = nn.Linear(self.n_head * self.head_dim, d, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache=None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = start + T
+            if k.dtype != q.dtype:  # a cache kept in another dtype than this step's autocast output
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        y = _sdpa(q, k, v, start)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.wo(y)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) (Shazeer 2020). HF names: w1 = gate_proj, w3 = up_proj, w2 = down_proj."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: w2(gelu(w1 x)) with biases, GELU in its tanh approximation as GPT-2 was trained."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=True)
+        self.w2 = nn.Linear(d_ff, d_model, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    return GeluMLP(cfg.d_model, cfg.d_ff) if cfg.arch == "gpt2" else SwiGLU(cfg.d_model, cfg.d_ff)

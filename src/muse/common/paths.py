@@ -18,6 +18,18 @@ from pathlib import Path
 from muse.common.errors import MuseError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700 entries; give finished files and directories the usual modes so a run
+# directory is as readable as anything else the user creates.
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:
@@ -53,6 +65,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -86,6 +99,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)
+        os.chmod(tmp, _DIR_MODE)
         old = None
         if final.exists():
             if not overwrite:

@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("muse.cli.prepare", "corpus -> BPE tokenizer -> token shards in RUN/data"),
     "train": ("muse.cli.train", "pretrain a decoder on prepared shards (resumable)"),
     "sample": ("muse.cli.sample", "sample text from a checkpoint"),
+    "generate": ("muse.cli.generate", "offline batch generation: prompts.jsonl -> out.jsonl"),
+    "export": ("muse.cli.export", "export a checkpoint to the Hugging Face Llama format"),
+    "import": ("muse.cli.hf_import", "import a Hugging Face Llama-architecture model as a Muse checkpoint"),
     "speedrun": ("muse.cli.speedrun", "the whole pipeline on the embedded corpus, with a report"),
 }
 

@@ -49,7 +49,7 @@ def test_jsonl_one_document_per_line_and_text_field(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # blank lines are fine
     docs = load_paths([p]).documents
     assert [d.text for d in docs] == ["first doc", "second doc", "third"]
-    assert [d.name for d in docs] == [f"{p.as_posix()}:{i}" for i in (1, 2, 3)]
+    assert [d.name for d in docs] == [f"{p.name}:{i}" for i in (1, 2, 3)]
     q = tmp_path / "e.jsonl"
     q.write_text(json.dumps({"content": "hello"}) + "\n")
     assert [d.text for d in load_paths([q], text_field="content").documents] == ["hello"]
@@ -63,7 +63,7 @@ def test_parquet_rows(tmp_path):
     pq.write_table(pa.table({"text": ["alpha beta", "gamma"], "n": [1, 2]}), p)
     docs = load_paths([p]).documents
     assert [d.text for d in docs] == ["alpha beta", "gamma"]
-    assert docs[1].name == f"{p.as_posix()}:2"
+    assert docs[1].name == f"{p.name}:2"
 
 
 def test_directory_is_walked_recursively_in_sorted_order(tmp_path):
@@ -229,3 +229,18 @@ def test_bad_flags(tmp_path, capsys):
 def test_load_corpus_raises_data_error_for_library_callers(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_corpus([tmp_path / "missing"])
+
+
+def test_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    """Document names (which the train/val split hashes) are relative to the path given."""
+    from muse.data.prepare import split_documents
+
+    for where in ("a", "b/c"):
+        d = tmp_path / where / "corpus"
+        d.mkdir(parents=True)
+        for i in range(20):
+            (d / f"doc{i}.txt").write_text(f"document number {i}\n")
+    split_a = split_documents(load_paths([tmp_path / "a" / "corpus"]).documents, 0.3, 0)
+    split_b = split_documents(load_paths([tmp_path / "b" / "c" / "corpus"]).documents, 0.3, 0)
+    assert [[d.name for d in part] for part in split_a] == [[d.name for d in part] for part in split_b]
+    assert split_a[1] and split_a[0][0].name.startswith("corpus/")

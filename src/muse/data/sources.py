@@ -255,15 +255,22 @@ def load_paths(paths: Iterable[str | os.PathLike], text_field: str = "text") -> 
     """Documents from local files and directories, in the order given (directories walked sorted)."""
     paths = [Path(p) for p in paths]
     files: list[Path] = []
+    names: dict[Path, str] = {}
     ignored = 0
     for p in paths:
         if p.is_dir():
             found, n = _walk(p)
             files += found
             ignored += n
+            # Names are relative to the directory given (plus its own name), never absolute: the train/val
+            # split hashes names, so the same corpus must split the same way wherever it lies on disk.
+            root = p.resolve().name or p.as_posix()
+            for f in found:
+                names.setdefault(f, f"{root}/{f.relative_to(p).as_posix()}")
         elif p.is_file():
             _check_suffix(p)
             files.append(p)
+            names.setdefault(p, p.name)
         else:
             raise DataError(f"{p}: no such file or directory")
     # The same file named twice (or via a directory and directly) would be a duplicated document.
@@ -277,14 +284,14 @@ def load_paths(paths: Iterable[str | os.PathLike], text_field: str = "text") -> 
     docs: list[Document] = []
     skipped: list[Skipped] = []
     for f in unique:
-        name = f.as_posix()
+        name = names[f]
         suffix = f.suffix.lower()
         if suffix == ".parquet":
             docs += _parquet_documents(f, name, text_field)
             continue
         text, why = _decode(f, _read_bytes(f))
         if why:
-            skipped.append(Skipped(name, why))
+            skipped.append(Skipped(f.as_posix(), why))  # the real path, so the user can find it
         elif suffix == ".jsonl":
             docs += _jsonl_documents(f, name, text, text_field)
         else:

@@ -1,0 +1,107 @@
+"""Training throughput and MFU of Muse's model + optimizer on one device, on synthetic tokens.
+
+Each configuration builds the model and optimizer through the library (muse.model, muse.train.optim), runs
+`--warmup` steps (compile happens there), then times `--steps` optimizer steps with a device sync at both
+ends. MFU = model FLOPs per token (6N + attention, muse.model.flops_per_token) x tokens/s / the chip's dense
+bf16 peak (muse.common.device.PEAKS). The data are random token ids: MFU does not depend on them.
+
+  python bench/mfu.py --config llama+muon --config gpt2+adamw --depth 24 --d-model 1024 --seq-len 2048 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from muse.common.device import device_info, pick_device, synchronize  # noqa: E402
+from muse.model import ModelConfig, build_model, count_params, flops_per_token  # noqa: E402
+from muse.train.optim import OptimConfig, build_optimizer  # noqa: E402
+
+
+def run_one(arch: str, optim: str, args, device, info) -> dict:
+    torch.manual_seed(0)
+    over = {"d_model": args.d_model} if args.d_model else {}
+    cfg = ModelConfig.from_depth(args.depth, args.vocab_size, arch=arch, max_seq_len=args.seq_len, **over)
+    model = build_model(cfg, device=device)
+    opt = build_optimizer(model, OptimConfig(name=optim).for_width(cfg.d_model) if optim == "muon" else OptimConfig(name=optim))
+    step_model = torch.compile(model) if args.compile else model
+    bf16 = device.type != "cpu"
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device) for _ in range(4)]
+
+    def step(i):
+        b = batches[i % len(batches)]
+        with ctx:
+            loss = step_model(b[:, :-1], b[:, 1:])
+        loss.backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    synchronize(device)
+    dt = time.perf_counter() - t0
+    tps = args.steps * args.batch_size * args.seq_len / dt
+    fpt = flops_per_token(cfg, args.seq_len)
+    row = {
+        "config": f"{arch}+{optim}", "params": count_params(cfg), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "compile": args.compile, "tokens_per_s": round(tps, 1),
+        "achieved_tflops": round(tps * fpt / 1e12, 2), "mfu": round(tps * fpt / info.peak_flops, 4) if info.peak_flops else None,
+        "loss": float(loss), "device": info.name,
+    }
+    if device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], help="ARCH+OPTIM, e.g. llama+muon (repeatable)")
+    p.add_argument("--depth", type=int, default=24)
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json-out")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    info = device_info(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for c in args.config or ["llama+muon", "gpt2+adamw"]:
+        rows.append(run_one(*c.split("+"), args, device, info))
+        print(json.dumps(rows[-1]), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"| config | params | tokens/s | TFLOP/s | MFU | peak mem GiB |  ({info.name}, seq {args.seq_len}, batch {args.batch_size}, compile={args.compile})")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"| {r['config']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {r['achieved_tflops']} | {mfu} | {r.get('peak_mem_gib', '-')} |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

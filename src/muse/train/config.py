@@ -1,0 +1,177 @@
+"""`TrainConfig`: what `muse train` needs, resolved from defaults <- TOML file <- flags <- `--set`.
+
+Sections are small dataclasses owned by their components (`OptimConfig`, `ScheduleConfig`); the model's
+shape is derived from `depth` by `ModelConfig.from_depth`, and any model field can be overridden under
+`[model]` (or `--set model.n_kv_head=2`). Unknown keys are errors that name the closest valid keys.
+The resolved config is written into the run directory as `train_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from muse.common.errors import ConfigError, closest
+from muse.model import ModelConfig
+from muse.train.optim import OptimConfig
+from muse.train.schedule import ScheduleConfig
+
+
+@dataclass
+class TrainConfig:
+    # shape: one knob, then any ModelConfig field under `model`
+    depth: int = 4
+    arch: str = "llama"
+    model: dict[str, Any] = field(default_factory=dict)
+    # data
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch per process
+    total_batch_tokens: int = 0  # tokens per optimizer step across processes; 0 = one micro-batch each
+    # horizon: max_steps wins over train_tokens when both are set
+    max_steps: int = 0
+    train_tokens: int = 0
+    max_time_s: float = 0.0  # stop (and save) after this wall time; 0 = no limit
+    # optimisation
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # evaluation, logging, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 200
+    keep_last: int = 3
+    milestone_every: int = 0
+    # runtime
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bf16 autocast on accelerators, fp32 on cpu
+    compile: bool = False
+    peak_flops: float = 0.0  # dense bf16 FLOP/s for chips missing from muse.common.device.PEAKS
+    tensorboard: bool = True
+    plot: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, key: str):
+    """Turn a TOML value or a `--set` string into the field's type, or a ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = args[0]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if typ in (int, float):
+        try:
+            if isinstance(value, str):
+                v = float(value) if typ is float else int(float(value)) if "e" in value.lower() else int(value)
+            else:
+                v = typ(value)
+            if typ is int and isinstance(value, float) and value != int(value):
+                raise ValueError
+            return v
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+    if typ is str:
+        return str(value)
+    if origin is tuple or typ is tuple:
+        if isinstance(value, str):
+            value = [x for x in value.strip("()[] ").split(",") if x.strip()]
+        inner = typing.get_args(typ) or (float,)
+        return tuple(_coerce(v, inner[0], key) for v in value)
+    return value
+
+
+def _parse_literal(text: str):
+    """`--set` values: TOML literal syntax when it parses (numbers, bools, strings, arrays), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(obj, overrides: dict[str, Any], prefix: str = "") -> None:
+    """Set (possibly dotted / nested) keys on a dataclass tree, type-checked, in place."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        name = f"{prefix}{head}"
+        if head not in fields:
+            raise ConfigError(f"unknown config key '{name}'.{closest(head, fields) or ' Valid keys: ' + ', '.join(fields)}")
+        current = getattr(obj, head)
+        if head == "model":  # free-form ModelConfig overrides, validated when the model config is built
+            if rest:
+                current[rest] = value
+            elif isinstance(value, dict):
+                current.update(value)
+            else:
+                raise ConfigError("model overrides take the form model.FIELD=value")
+            continue
+        if dataclasses.is_dataclass(current):
+            if rest:
+                apply_overrides(current, {rest: value}, prefix=f"{name}.")
+            elif isinstance(value, dict):
+                apply_overrides(current, value, prefix=f"{name}.")
+            else:
+                raise ConfigError(f"'{name}' is a section; set one of its keys, e.g. {name}.{next(iter(f.name for f in dataclasses.fields(current)))}=...")
+            continue
+        if rest:
+            raise ConfigError(f"'{name}' is not a section; use {name}=value")
+        setattr(obj, head, _coerce(value, hints[head], name))
+
+
+def load_config(config_file: str | Path | None = None, flags: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> TrainConfig:
+    """defaults <- TOML file <- flags (already-typed, None = not given) <- `--set key=value` strings."""
+    cfg = TrainConfig()
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        apply_overrides(cfg, data)
+    if flags:
+        apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    for item in sets or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        apply_overrides(cfg, {key.strip(): _parse_literal(text.strip())})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    for name in ("seq_len", "batch_size", "eval_batches", "log_every", "keep_last"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("max_steps", "train_tokens", "total_batch_tokens", "eval_every", "save_every", "milestone_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.arch not in ("llama", "gpt2"):
+        raise ConfigError(f"arch must be llama or gpt2, got {cfg.arch!r}")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model's shape: `depth` derives the rest; `cfg.model` overrides any field."""
+    overrides = dict(cfg.model)
+    overrides.setdefault("max_seq_len", cfg.seq_len)
+    return ModelConfig.from_depth(cfg.depth, vocab_size, arch=cfg.arch, **overrides)

@@ -1,0 +1,317 @@
+"""The pretraining loop: data -> model -> optimizer -> metrics and checkpoints, resumable exactly.
+
+`Trainer(cfg, run_dir).train()` reads `run_dir/data` (from `muse prepare`), trains, and writes
+`run_dir/<stage>/`: step_* checkpoints, `latest`, metrics.jsonl, tensorboard/, loss.png and the resolved
+`train_config.json`. One code path for every device; the same process count and flags resume bit for
+bit on CPU, because everything that decides the next step (weights, optimizer moments, loader position,
+RNG states, step) is in the checkpoint.
+
+What it does not know: how the model is built (muse.model), how optimizers group parameters
+(muse.train.optim), how checkpoints are laid out (muse.checkpoint) or where data come from (muse.data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from muse.checkpoint import (
+    capture_rng_state,
+    describe_difference,
+    latest_good,
+    list_checkpoints,
+    load_model_state,
+    load_train_state,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from muse.common import dist
+from muse.common.device import device_info, pick_device, synchronize
+from muse.common.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    ResourceError,
+    TrainingDiverged,
+)
+from muse.common.logging import get_logger, progress
+from muse.common.paths import atomic_write_json, ensure_writable_dir
+from muse.data import TokenLoader, bytes_per_token
+from muse.model import build_model, count_params, flops_per_token
+from muse.tokenizer import Tokenizer
+from muse.train.config import TrainConfig, model_config
+from muse.train.metrics import MetricsLogger, format_count, format_eta
+from muse.train.optim import build_optimizer
+from muse.train.schedule import ScheduleConfig, lr_multiplier, muon_momentum
+
+log = get_logger("muse.train")
+
+_OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+
+
+@dataclass
+class TrainResult:
+    stage_dir: Path
+    checkpoint: Path | None
+    steps: int
+    tokens: int
+    params: int
+    wall_s: float
+    tokens_per_s: float
+    final_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    mfu: float | None
+    flops_per_s: float
+
+
+def _is_oom(e: BaseException) -> bool:
+    if _OOM_TYPES and isinstance(e, _OOM_TYPES):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg or "DefaultCPUAllocator" in msg)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, stage: str = "base", resume: bool = False,
+                 force: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.stage_dir = self.run_dir / stage
+        self.stage = stage
+        self.resume = resume
+        self.force = force
+        self.data_dir = self.run_dir / "data"
+        if not (self.data_dir / "meta.json").exists():
+            raise DataError(f"no prepared data in {self.data_dir}; run `muse prepare --out {self.run_dir}` first")
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self):
+        cfg = self.cfg
+        self.device = pick_device(cfg.device)
+        self.info = device_info(self.device, cfg.peak_flops or None)
+        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.info.autocast_dtype == "bfloat16")
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        )
+        self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
+        self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
+        if cfg.seq_len > self.model_cfg.max_seq_len:
+            raise ConfigError(
+                f"seq_len {cfg.seq_len} is beyond what the model supports (max_seq_len {self.model_cfg.max_seq_len}); "
+                f"lower --seq-len or --set model.max_seq_len={cfg.seq_len}"
+            )
+        self.world = dist.world_size()
+        self.rank = dist.rank()
+        micro_tokens = cfg.batch_size * cfg.seq_len * self.world
+        total = cfg.total_batch_tokens or micro_tokens
+        if total % micro_tokens:
+            raise ConfigError(
+                f"total_batch_tokens {total} is not a multiple of batch_size*seq_len*processes = {micro_tokens}; "
+                f"choose a multiple (e.g. {max(1, round(total / micro_tokens)) * micro_tokens})"
+            )
+        self.accum = total // micro_tokens
+        self.tokens_per_step = total
+        if cfg.max_steps:
+            self.total_steps = cfg.max_steps
+        elif cfg.train_tokens:
+            self.total_steps = max(1, cfg.train_tokens // total)
+        else:
+            raise ConfigError("set a horizon: --max-steps N or --train-tokens N")
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(self.model_cfg, device=self.device)
+        self.n_params = count_params(self.model_cfg)
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len)
+        # --depth derives the learning rates too: AdamW lrs for embeddings and head scale with width.
+        self.optim_cfg = cfg.optim.for_width(self.model_cfg.d_model) if cfg.optim.name == "muon" else cfg.optim
+        self.optimizer = build_optimizer(self.model, self.optim_cfg)
+        self.train_loader = TokenLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                                        rank=self.rank, world_size=self.world, device=self.device)
+        self.val_loader = TokenLoader(self.data_dir, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                                      rank=self.rank, world_size=self.world, device=self.device)
+        self.val_bytes_per_token = bytes_per_token(self.data_dir, "val")
+        self.step_fn = torch.compile(self.model) if cfg.compile else self.model
+
+    def _start_or_resume(self) -> tuple[int, int, float]:
+        """(step, tokens, elapsed_s) to continue from; refuses to clobber an existing run."""
+        existing = list_checkpoints(self.stage_dir) if self.stage_dir.exists() else []
+        if not self.resume:
+            if existing and not self.force:
+                raise OutputExistsError(
+                    f"{self.stage_dir} already holds checkpoints (newest {existing[-1].name}); "
+                    "pass --resume to continue it or --force to start over"
+                )
+            return 0, 0, 0.0
+        if not existing:
+            raise CheckpointError(f"--resume: no checkpoint in {self.stage_dir}; start without --resume")
+        ckpt = resolve_checkpoint(self.stage_dir, stages=(self.stage,))
+        verify_checkpoint(ckpt)
+        state = load_train_state(ckpt)
+        saved_model = state.get("model_config") or {}
+        diff = describe_difference(saved_model, self.model_cfg.to_dict())
+        if diff:
+            raise ConfigError(f"--resume with a changed model shape is not possible ({ckpt}):\n{diff}")
+        self.model.load_state_dict(load_model_state(ckpt))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["loader"])
+        restore_rng_state(state["rng"])
+        log.info("resumed from %s (step %d)", ckpt, state["step"])
+        return int(state["step"]), int(state["tokens"]), float(state.get("elapsed_s", 0.0))
+
+    # ---------------------------------------------------------------- pieces
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(mean val loss in nats/token, bits per byte) over the first `eval_batches` val batches."""
+        self.model.eval()
+        total, n = 0.0, 0
+        for x, y in self.val_loader.eval_batches(self.cfg.eval_batches):
+            with self.autocast:
+                loss = self.model(x, y)
+            total += float(loss)
+            n += 1
+        self.model.train()
+        if n == 0:
+            raise DataError("the val split is too small for one batch; lower --seq-len/--batch-size or raise --val-fraction")
+        val = total / n
+        return val, val / math.log(2) / self.val_bytes_per_token
+
+    def _train_step(self, step: int) -> torch.Tensor:
+        self.optimizer.set_lr_multiplier(lr_multiplier(step, self.schedule))
+        if self.optim_cfg.name == "muon":
+            self.optimizer.set_muon_momentum(muon_momentum(step, end=self.optim_cfg.momentum))
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            x, y = self.train_loader.next_batch()
+            with self.autocast:
+                loss = self.step_fn(x, y)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        self.optimizer.clip_grad_norm_(self.optim_cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.accum
+
+    def _save(self, step: int, tokens: int, elapsed: float, extra_meta: dict) -> Path:
+        train_state = {
+            "step": step,
+            "tokens": tokens,
+            "elapsed_s": elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "rng": capture_rng_state(),
+            "model_config": self.model_cfg.to_dict(),
+        }
+        return save_checkpoint(
+            self.stage_dir, step, model=self.model, model_config=self.model_cfg, tokenizer=self.tokenizer,
+            train_state=train_state, meta={"stage": self.stage, "tokens": tokens, **extra_meta},
+            keep_last=self.cfg.keep_last, milestone_every=self.cfg.milestone_every or None,
+        )
+
+    def _last_good(self) -> str:
+        good = latest_good(self.stage_dir) if self.stage_dir.exists() else None
+        return f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        ensure_writable_dir(self.stage_dir)
+        self._setup()
+        self.schedule = ScheduleConfig(**{**cfg.schedule.__dict__, "total_steps": self.total_steps})
+        step, tokens, elapsed_before = self._start_or_resume()
+        if dist.is_main():
+            atomic_write_json(self.stage_dir / "train_config.json", {
+                "train": cfg.to_dict(), "model": self.model_cfg.to_dict(), "total_steps": self.total_steps,
+                "tokens_per_step": self.tokens_per_step, "grad_accum": self.accum, "params": self.n_params,
+                "device": self.info.name, "world_size": self.world,
+            })
+        metrics = MetricsLogger(self.stage_dir, tensorboard=cfg.tensorboard, plot=cfg.plot)
+        metrics.truncate_after(step)
+        log.info("%s model, %s params, %d steps x %s tokens (grad accum %d) on %s", self.model_cfg.arch,
+                 format_count(self.n_params), self.total_steps, format_count(self.tokens_per_step), self.accum,
+                 self.info.name)
+        self.model.train()
+        last_loss = float("nan")
+        val_loss = val_bpb = None
+        ckpt = None
+        t_start = time.perf_counter()
+        t_window, tok_window = t_start, 0
+        train_time, train_tokens = 0.0, 0  # time spent in training steps only (no eval, no saves)
+        tps = flops_s = 0.0
+        mfu = None
+        bar = progress(total=self.total_steps, initial=step, desc="train", unit="step")
+        try:
+            while step < self.total_steps:
+                try:
+                    loss = self._train_step(step)
+                except Exception as e:
+                    if _is_oom(e):
+                        raise ResourceError(
+                            f"out of memory at batch_size {cfg.batch_size} x seq_len {cfg.seq_len}: lower --batch-size "
+                            "(keep --total-batch-tokens to keep the global batch through gradient accumulation) "
+                            f"or --seq-len; {self._last_good()}"
+                        ) from None
+                    raise
+                step += 1
+                tokens += self.tokens_per_step
+                tok_window += self.tokens_per_step
+                last = step == self.total_steps
+                out_of_time = cfg.max_time_s and (time.perf_counter() - t_start) >= cfg.max_time_s
+                if step % cfg.log_every == 0 or last or out_of_time:
+                    last_loss = float(loss)  # syncs the device
+                    if not math.isfinite(last_loss):
+                        raise TrainingDiverged(
+                            f"loss became {last_loss} at step {step}; stopped without saving, {self._last_good()}. "
+                            "Lower the learning rates (e.g. --set optim.matrix_lr=...) or raise warmup"
+                        )
+                    now = time.perf_counter()
+                    tps = tok_window / max(now - t_window, 1e-9)
+                    train_time += now - t_window
+                    train_tokens += tok_window
+                    t_window, tok_window = now, 0
+                    flops_s = tps * self.flops_per_token
+                    mfu = flops_s / (self.info.peak_flops * self.world) if self.info.peak_flops else None
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    metrics.log(step, loss=last_loss, lr=lr, tokens=tokens, tokens_per_s=round(tps, 1),
+                                **({"mfu": round(mfu, 4)} if mfu is not None else {"flops_per_s": round(flops_s)}))
+                    eta = (self.total_steps - step) * self.tokens_per_step / max(tps, 1e-9)
+                    line = f"loss {last_loss:.4f} | {format_count(tps)} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "")
+                    bar.set_postfix_str(line, refresh=False)
+                    if bar.disable:
+                        log.info("step %d/%d | %s | eta %s", step, self.total_steps, line, format_eta(eta))
+                if (cfg.eval_every and step % cfg.eval_every == 0) or last or out_of_time:
+                    val_loss, val_bpb = self.evaluate()
+                    metrics.log(step, val_loss=val_loss, val_bpb=val_bpb, tokens=tokens)
+                    log.info("step %d | val loss %.4f | val bpb %.4f", step, val_loss, val_bpb)
+                    metrics.plot(title=f"{self.model_cfg.arch}, {format_count(self.n_params)} params")
+                    t_window, tok_window = time.perf_counter(), 0  # throughput excludes evaluation
+                bar.update(1)
+                if (cfg.save_every and step % cfg.save_every == 0) or last or out_of_time:
+                    if not math.isfinite(float(loss)):
+                        raise TrainingDiverged(f"loss became {float(loss)} at step {step}; not saving it, {self._last_good()}")
+                    synchronize(self.device)
+                    elapsed = elapsed_before + time.perf_counter() - t_start
+                    ckpt = self._save(step, tokens, elapsed, {"val_loss": val_loss, "val_bpb": val_bpb})
+                    t_window, tok_window = time.perf_counter(), 0  # ... and checkpointing
+                if out_of_time:
+                    log.info("max_time_s reached at step %d; saved %s", step, ckpt)
+                    break
+        finally:
+            bar.close()
+            metrics.close()
+        wall = time.perf_counter() - t_start
+        if train_time > 0:
+            tps = train_tokens / train_time
+            flops_s = tps * self.flops_per_token
+            mfu = flops_s / (self.info.peak_flops * self.world) if self.info.peak_flops else None
+        return TrainResult(
+            stage_dir=self.stage_dir, checkpoint=ckpt, steps=step, tokens=tokens, params=self.n_params, wall_s=wall,
+            tokens_per_s=tps, final_loss=last_loss, val_loss=val_loss, val_bpb=val_bpb, mfu=mfu, flops_per_s=flops_s,
+        )

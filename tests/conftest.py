@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny made-up corpora and prepared run directories (no downloads, no real corpus)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import pytest
+
+os.environ.setdefault("MUSE_NO_PROGRESS", "1")
+
+WORDS = ("the king queen lord lady love death night day sword crown heart blood fair foul sweet "
+         "speak hear come go stay thou thee thy my your our noble gentle good ill grace honour").split()
+
+
+def make_corpus(dirpath, n_docs: int = 12, words_per_doc: int = 400, seed: int = 0):
+    """Write n_docs .txt files of pseudo-English into dirpath; deterministic for a seed."""
+    rng = random.Random(seed)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        lines = []
+        for _ in range(words_per_doc // 8):
+            speaker = rng.choice(["KING", "QUEEN", "LORD", "LADY"])
+            lines.append(f"{speaker}: " + " ".join(rng.choice(WORDS) for _ in range(8)) + rng.choice([".", "!", "?", ","]))
+        (dirpath / f"doc_{d:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dirpath
+
+
+@pytest.fixture(scope="session")
+def tiny_run_template(tmp_path_factory):
+    """A run directory with data/ prepared from a tiny corpus (vocab 320). Copy it; don't write into it."""
+    from muse.cli.main import main
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = make_corpus(root / "corpus")
+    run = root / "run"
+    assert main(["prepare", str(corpus), "--out", str(run), "--vocab-size", "320", "--val-fraction", "0.2"]) == 0
+    return run
+
+
+@pytest.fixture
+def tiny_run(tiny_run_template, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_template, run)
+    return run

@@ -1,6 +1,7 @@
 """muse.data: corpus sources -> train/val split -> token shards (`muse prepare`), and resumable loaders.
 
-    from muse.data import PrepareConfig, prepare, TokenLoader, bytes_per_token
+    from muse.data import PrepareConfig, TokenLoader, bytes_per_token
+    from muse.data.prepare import prepare   # (a package attribute named `prepare` is the submodule)
     meta = prepare(PrepareConfig(out="runs/demo"))                 # writes runs/demo/data/
     loader = TokenLoader("runs/demo", "train", batch_size=16, seq_len=256)
     x, y = loader.next_batch()
@@ -22,7 +23,6 @@ _EXPORTS = {
     "ShardWriter": "muse.data.shards",
     "open_shards": "muse.data.shards",
     "PrepareConfig": "muse.data.prepare",
-    "prepare": "muse.data.prepare",
     "TokenLoader": "muse.data.loader",
     "bytes_per_token": "muse.data.loader",
     "read_meta": "muse.data.loader",

@@ -7,7 +7,10 @@ Llama reference / torchtitan (`wq wk wv wo`, `w1 w2 w3`) so a Hugging Face Llama
 attended (cache + new), H query heads, Hkv k/v heads, D head_dim, C d_model.
 
 These modules know nothing about optimizers, devices, distribution or where the KV cache lives; they
-only call `kv_cache.update(layer_idx, k, v)` (the protocol in kv_cache.py).
+only call `kv_cache.update(layer_idx, k, v)` (the protocol in kv_cache.py), or, when the cache has
+one, `kv_cache.attend(layer_idx, q, k, v) -> y`: q (B, H, T, D) after rotary / QK-norm, k, v
+(B, Hkv, T, D) of the new tokens; the cache stores k, v and returns the attention output (B, H, T, D).
+The inference engine's paged cache uses it for a flattened batch of variable-length sequences.
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions start .. start+length-1, each (length, D) float32."""
         return self.cos[start:start + length], self.sin[start:start + length]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for arbitrary positions (T,) (a flattened batch of sequences), each (T, D) float32."""
+        return self.cos[positions], self.sin[positions]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -149,11 +156,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = start + T
-            if k.dtype != q.dtype:  # a cache kept in another dtype than this step's autocast output
-                k, v = k.to(q.dtype), v.to(q.dtype)
-        y = _sdpa(q, k, v, start)  # (B, H, T, D)
+        attend = getattr(kv_cache, "attend", None)
+        if attend is not None:
+            # A paged cache over a flattened batch of sequences stores k, v and runs the attention
+            # itself: only it knows which keys each query may see (muse.infer.paged_cache).
+            y = attend(self.layer_idx, q, k, v)  # (B, H, T, D)
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = start + T
+                if k.dtype != q.dtype:  # a cache kept in another dtype than this step's autocast output
+                    k, v = k.to(q.dtype), v.to(q.dtype)
+            y = _sdpa(q, k, v, start)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.wo(y)
 

@@ -7,6 +7,14 @@ idx (B, T) int64 token ids. Without targets it returns logits (B, T, V) in float
 in SFT, padding): a float32 scalar for reduction "mean" / "sum", per-token (B, T) for "none" (zeros at
 ignored positions). With a kv_cache (kv_cache.py) the T tokens continue the cached sequence.
 
+Ragged batches (the inference engine's paged cache, muse.infer.paged_cache) use three OPTIONAL cache
+members on top of that protocol; a cache without them (KVCache) changes nothing:
+  cache.positions       LongTensor (T,): each token's own position, for a (1, T) batch that flattens
+                        several sequences (rotary / learned positions come from it, not from `pos`)
+  cache.attend(...)     the cache runs attention itself (layers.Attention); see there
+  cache.logits_indices  LongTensor (L,): compute logits only at these of the T positions -> (B, L, V)
+                        (a 2,048-token prefill needs one row of logits, not 2,048 x vocab)
+
 The model is pure: no optimizer, no I/O, no process groups. Blocks live in an nn.ModuleDict keyed
 "0".."L-1" so FSDP / tensor parallel / activation checkpointing can be applied per block from outside
 (muse.distributed) by name, torchtitan style. It is built on the meta device and filled by
@@ -118,7 +126,8 @@ class Transformer(nn.Module):
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > cfg.max_seq_len:
+        positions = getattr(kv_cache, "positions", None)  # ragged batch: the cache checked its positions
+        if positions is None and start + T > cfg.max_seq_len:
             raise UsageError(f"sequence of {start + T} tokens is longer than the model's max_seq_len "
                              f"({cfg.max_seq_len}); shorten the input or build the model with a larger "
                              f"max_seq_len.")
@@ -126,14 +135,17 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(idx)  # (B, T, C)
         rope = None
         if self.pos_embeddings is not None:
-            pos = torch.arange(start, start + T, device=idx.device)
+            pos = torch.arange(start, start + T, device=idx.device) if positions is None else positions
             h = h + self.pos_embeddings(pos)  # (T, C) broadcast over the batch
         if self.rope is not None:
-            rope = self.rope(start, T)  # cos, sin: (T, D) each
+            rope = self.rope(start, T) if positions is None else self.rope.at(positions)  # (T, D) each
         for block in self.layers.values():
             h = block(h, rope, kv_cache, start)
         if kv_cache is not None:
             kv_cache.advance(T)
+            logits_indices = getattr(kv_cache, "logits_indices", None)
+            if logits_indices is not None:
+                h = h[:, logits_indices]  # (B, L, C)
         h = self.norm(h)
         # float32 logits: under bf16 autocast the matmul runs in bf16, the softmax / loss must not.
         logits = F.linear(h, self.output_weight()).float()  # (B, T, V)

@@ -142,6 +142,7 @@ class Trainer:
 
     def _start_or_resume(self) -> tuple[int, int, float]:
         """(step, tokens, elapsed_s) to continue from; refuses to clobber an existing run."""
+        self.train_time_before = 0.0
         existing = list_checkpoints(self.stage_dir) if self.stage_dir.exists() else []
         if not self.resume:
             if existing and not self.force:
@@ -163,6 +164,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
+        self.train_time_before = float(state.get("train_time_s", 0.0))
         log.info("resumed from %s (step %d)", ckpt, state["step"])
         return int(state["step"]), int(state["tokens"]), float(state.get("elapsed_s", 0.0))
 
@@ -174,9 +176,9 @@ class Trainer:
         total, n = 0.0, 0
         for x, y in self.val_loader.eval_batches(self.cfg.eval_batches):
             with self.autocast:
-                loss = self.model(x, y)
+                loss = self.model(x, y, reduction="sum")
             total += float(loss)
-            n += 1
+            n += int((y != -1).sum())  # the last batch may be smaller: weight by tokens
         self.model.train()
         if n == 0:
             raise DataError("the val split is too small for one batch; lower --seq-len/--batch-size or raise --val-fraction")
@@ -199,11 +201,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / self.accum
 
-    def _save(self, step: int, tokens: int, elapsed: float, extra_meta: dict) -> Path:
+    def _save(self, step: int, tokens: int, elapsed: float, train_time: float, extra_meta: dict) -> Path:
         train_state = {
             "step": step,
             "tokens": tokens,
             "elapsed_s": elapsed,
+            "train_time_s": train_time,  # time inside training steps only: tokens / train_time_s = throughput
             "optimizer": self.optimizer.state_dict(),
             "loader": self.train_loader.state_dict(),
             "rng": capture_rng_state(),
@@ -297,8 +300,13 @@ class Trainer:
                     if not math.isfinite(float(loss)):
                         raise TrainingDiverged(f"loss became {float(loss)} at step {step}; not saving it, {self._last_good()}")
                     synchronize(self.device)
-                    elapsed = elapsed_before + time.perf_counter() - t_start
-                    ckpt = self._save(step, tokens, elapsed, {"val_loss": val_loss, "val_bpb": val_bpb})
+                    now = time.perf_counter()  # count the steps since the last log before saving the totals
+                    train_time += now - t_window
+                    train_tokens += tok_window
+                    t_window, tok_window = now, 0
+                    elapsed = elapsed_before + now - t_start
+                    ckpt = self._save(step, tokens, elapsed, self.train_time_before + train_time,
+                                      {"val_loss": val_loss, "val_bpb": val_bpb})
                     t_window, tok_window = time.perf_counter(), 0  # ... and checkpointing
                 if out_of_time:
                     log.info("max_time_s reached at step %d; saved %s", step, ckpt)

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from muse.checkpoint.checkpoint import save_checkpoint
-from muse.checkpoint.hf import HF_ARCHITECTURES, from_hf_state, muse_tokenizer_from_hf_json
+from muse.checkpoint.hf import HF_ARCHITECTURES, from_hf_state, llama_names, muse_tokenizer_from_hf_json
 from muse.checkpoint.manifest import LATEST, MANIFEST, list_checkpoints
 from muse.common.errors import CheckpointError, ConfigError, OutputExistsError, TokenizerError, UsageError
 from muse.model import ModelConfig
@@ -74,7 +74,7 @@ def read_hf_config(src: Path) -> dict:
     return hf
 
 
-def hf_model_type(hf: dict, where: str = "config.json") -> str:
+def model_type_of(hf: dict, where: str = "config.json") -> str:
     """"llama", "qwen3" or "gpt2" from `architectures` (or `model_type` when that is absent)."""
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
@@ -133,7 +133,7 @@ def _rope_theta(hf: dict, where: str) -> float:
 
 def model_config_from_hf(hf: dict, *, max_seq_len: int | None = None, where: str = "config.json") -> ModelConfig:
     """The ModelConfig that computes what the HF config describes, or a CheckpointError saying why none does."""
-    kind = hf_model_type(hf, where)
+    kind = model_type_of(hf, where)
     defaults = _DEFAULTS[kind]
     tie = hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])
     if kind == "gpt2":
@@ -212,7 +212,10 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
             if path.suffix == ".safetensors":
                 part = load_file(str(path))
             else:  # weights_only: a pickle from the internet must not run code
-                part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # a pre-1.6 (non-zip) file cannot be memory-mapped
+                    part = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # safetensors / pickle errors have their own types
             raise CheckpointError(f"{path} cannot be read ({str(e)[:200]}); download it again") from None
         if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
@@ -274,7 +277,10 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str 
     stage_dir = out / stage
     _check_output(stage_dir, overwrite)
 
-    state = from_hf_state(read_hf_weights(src), cfg)
+    try:
+        state = from_hf_state(read_hf_weights(src), cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
     _check_shapes(state, cfg, src)
     floats = {t.dtype for t in state.values()}
     if dtype is not None:
@@ -285,7 +291,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str 
         target = DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), torch.float32)
     state = {k: t.to(target) for k, t in state.items()}
     meta = {"source": "huggingface", "imported_from": str(src.resolve()),
-            "hf_architecture": HF_ARCHITECTURES[hf_model_type(hf)]}
+            "hf_architecture": HF_ARCHITECTURES[model_type_of(hf)]}
 
     aside = None
     if overwrite and stage_dir.exists():
@@ -311,9 +317,10 @@ def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, src: Path) -
 
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    hf_names = llama_names(cfg) if cfg.arch == "llama" else {}
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
-            raise CheckpointError(f"{src}: tensor for {name} has shape {tuple(state[name].shape)}, the config implies "
+            raise CheckpointError(f"{src}: {hf_names.get(name, name)} has shape {tuple(state[name].shape)}, the config implies "
                                   f"{shape}; the weights belong to another model")
         if not state[name].is_floating_point():
             raise CheckpointError(f"{src}: tensor for {name} is {state[name].dtype}, not floating point; "

@@ -6,6 +6,12 @@ ends. MFU = model FLOPs per token (6N + attention, muse.model.flops_per_token) x
 bf16 peak (muse.common.device.PEAKS). The data are random token ids: MFU does not depend on them.
 
   python bench/mfu.py --config llama+muon --config gpt2+adamw --depth 24 --d-model 1024 --seq-len 2048 --compile
+
+`--fsdp` adds, for each configuration and in the same run, the distributed path at world size 1: FSDP2
+(fully_shard over a 1-process group, bf16 compute / fp32 reduce) with each block compiled - exactly what
+`muse train --nproc N` runs per GPU, minus the other GPUs - next to the plain single-device model:
+
+  python bench/mfu.py --config llama+muon --fsdp     # ~370M params (depth 24, d_model 1024), seq 2048
 """
 
 from __future__ import annotations
@@ -21,18 +27,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from muse.common.device import device_info, pick_device, synchronize  # noqa: E402
+from muse.common.device import device_info, dtype_policy, pick_device, synchronize  # noqa: E402
 from muse.model import ModelConfig, build_model, count_params, flops_per_token  # noqa: E402
 from muse.train.optim import OptimConfig, build_optimizer  # noqa: E402
 
 
-def run_one(arch: str, optim: str, args, device, info) -> dict:
+def run_one(arch: str, optim: str, args, device, info, fsdp: bool = False) -> dict:
     torch.manual_seed(0)
     over = {"d_model": args.d_model} if args.d_model else {}
     cfg = ModelConfig.from_depth(args.depth, args.vocab_size, arch=arch, max_seq_len=args.seq_len, **over)
     model = build_model(cfg, device=device)
+    if fsdp:  # the multi-process training path on one process: FSDP2 + per-block compile
+        from muse.distributed.mesh import single_rank_mesh
+        from muse.distributed.parallelize import ParallelConfig, parallelize
+
+        model = parallelize(model, single_rank_mesh(device), ParallelConfig(mode="fsdp", compile=True),
+                            policy=dtype_policy(device), device=device)
+        step_model = model
+    else:
+        step_model = torch.compile(model) if args.compile else model
     opt = build_optimizer(model, OptimConfig(name=optim).for_width(cfg.d_model) if optim == "muon" else OptimConfig(name=optim))
-    step_model = torch.compile(model) if args.compile else model
     bf16 = device.type != "cpu"
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -59,10 +73,11 @@ def run_one(arch: str, optim: str, args, device, info) -> dict:
     tps = args.steps * args.batch_size * args.seq_len / dt
     fpt = flops_per_token(cfg, args.seq_len)
     row = {
-        "config": f"{arch}+{optim}", "params": count_params(cfg), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "compile": args.compile, "tokens_per_s": round(tps, 1),
+        "config": f"{arch}+{optim}", "mode": "fsdp2+compile" if fsdp else "plain" + ("+compile" if args.compile else ""),
+        "params": count_params(cfg), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "compile": args.compile or fsdp, "tokens_per_s": round(tps, 1),
         "achieved_tflops": round(tps * fpt / 1e12, 2), "mfu": round(tps * fpt / info.peak_flops, 4) if info.peak_flops else None,
-        "loss": float(loss), "device": info.name,
+        "loss": float(loss.detach()), "device": info.name,
     }
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -80,7 +95,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the plain model")
+    p.add_argument("--fsdp", action="store_true", help="also run FSDP2 (world size 1) + per-block compile")
     p.add_argument("--device", default="auto")
     p.add_argument("--json-out")
     args = p.parse_args()
@@ -90,17 +106,22 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for c in args.config or ["llama+muon", "gpt2+adamw"]:
-        rows.append(run_one(*c.split("+"), args, device, info))
-        print(json.dumps(rows[-1]), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(f"| config | params | tokens/s | TFLOP/s | MFU | peak mem GiB |  ({info.name}, seq {args.seq_len}, batch {args.batch_size}, compile={args.compile})")
-    print("|---|---|---|---|---|---|")
+        for fsdp in (False, True) if args.fsdp else (False,):
+            rows.append(run_one(*c.split("+"), args, device, info, fsdp=fsdp))
+            print(json.dumps(rows[-1]), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"| config | mode | params | tokens/s | TFLOP/s | MFU | peak mem GiB |  ({info.name}, seq {args.seq_len}, batch {args.batch_size})")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"| {r['config']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {r['achieved_tflops']} | {mfu} | {r.get('peak_mem_gib', '-')} |")
+        print(f"| {r['config']} | {r['mode']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {r['achieved_tflops']} | {mfu} | {r.get('peak_mem_gib', '-')} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
+    if args.fsdp:
+        from muse.distributed.mesh import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

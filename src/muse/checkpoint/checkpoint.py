@@ -35,6 +35,7 @@ import muse
 from muse.checkpoint.manifest import (
     FORMAT_VERSION,
     LATEST,
+    SHARDED_METADATA,
     build_manifest,
     corrupt_error,
     find_problem,
@@ -301,14 +302,19 @@ def save_checkpoint(
     meta: dict | None = None,
     keep_last: int | None = 3,
     milestone_every: int | None = None,
+    write_extra=None,
+    point_latest: bool = True,
 ) -> Path:
     """Write `stage_dir/step_{step:06d}/` atomically, move `latest` to it, rotate; return its path.
 
     Pass either `model` (a plain, compiled or DDP-wrapped module) or `model_state` (a full state dict).
     `model_config` (ModelConfig or dict) defaults to `model.config`. `tokenizer` is a Tokenizer or the
     path of a tokenizer.json (or of the directory holding it, like runs/x/data). Saving a step that already exists replaces it atomically.
+    `write_extra(tmp_dir)` writes more files into the directory before its manifest (sharded saves,
+    muse.distributed.checkpoint); with it, the weights may be left out (neither model nor model_state).
+    point_latest=False leaves `latest` where it is (rewriting an older checkpoint in place).
     """
-    if (model is None) == (model_state is None):
+    if (model is None) == (model_state is None) and not (write_extra and model is None):
         raise TypeError("pass exactly one of model= or model_state=")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -327,7 +333,7 @@ def save_checkpoint(
     tokenizer = _tokenizer_for(tokenizer, config)
     if train_state is not None:
         _check_weights_only_safe(train_state)
-    tensors, aliases = _prepare_state(model_state)
+    tensors, aliases = _prepare_state(model_state) if model_state is not None else ({}, {})
 
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -341,10 +347,13 @@ def save_checkpoint(
         "dtype": float_dtypes[0].removeprefix("torch.") if len(float_dtypes) == 1 else None,
         "n_params": sum(t.numel() for t in tensors.values()),
     }
+    if not tensors:  # sharded only: the caller's meta knows the dtype and size
+        full_meta.update({k: (meta or {}).get(k) for k in ("dtype", "n_params")})
     meta_text = json.dumps(full_meta, indent=2, default=_json_default) + "\n"  # fail before writing anything
 
     with atomic_dir(stage_dir / name, overwrite=True) as tmp:
-        _write_weights(tensors, aliases, tmp / MODEL_FILE)
+        if tensors:
+            _write_weights(tensors, aliases, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(
             json.dumps({"format_version": FORMAT_VERSION, "model": config}, indent=2) + "\n", encoding="utf-8"
         )
@@ -352,10 +361,13 @@ def save_checkpoint(
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_FILE)
         (tmp / META_FILE).write_text(meta_text, encoding="utf-8")
+        if write_extra is not None:
+            write_extra(tmp)
         # Last: its presence is what says the directory is complete.
         (tmp / "manifest.json").write_text(json.dumps(build_manifest(tmp, step), indent=2) + "\n", encoding="utf-8")
     # atomic_dir has fsynced every file, the directory, and the rename; only now may `latest` move.
-    _point_latest(stage_dir, name)
+    if point_latest:
+        _point_latest(stage_dir, name)
     rotate_checkpoints(stage_dir, keep_last, milestone_every)
     _clean_leftovers(stage_dir)
     return stage_dir / name
@@ -380,6 +392,11 @@ def load_model_state(ckpt_dir: str | os.PathLike, *, device="cpu", verify: bool 
     verify=True checks model.safetensors against the manifest first (one file's hash).
     """
     ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MODEL_FILE).exists() and (ckpt_dir / SHARDED_METADATA).exists():
+        raise CheckpointError(
+            f"{ckpt_dir} holds sharded weights only (saved by a multi-process run without full weights); "
+            f"add them with `muse train {ckpt_dir} --consolidate`"
+        )
     if verify:
         _check_one(ckpt_dir, MODEL_FILE)
     try:

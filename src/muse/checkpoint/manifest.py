@@ -23,6 +23,9 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # A checkpoint cannot be used without these; a manifest that does not list them is refused.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "meta.json")
+# A sharded checkpoint (torch.distributed.checkpoint, written by muse.distributed.checkpoint) has this
+# DCP metadata file beside its shards; it may stand in for model.safetensors.
+SHARDED_METADATA = ".metadata"
 LATEST = "latest"
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 # The command that fills each stage directory, for "run `muse ...` first" hints.
@@ -110,7 +113,7 @@ def find_problem(ckpt_dir: str | os.PathLike, *, fast: bool = False, only: str |
             return f"manifest.json does not list {only}"
         return _file_problem(ckpt_dir, only, files[only], fast)
     for name in REQUIRED_FILES:
-        if name not in files:
+        if name not in files and not (name == "model.safetensors" and SHARDED_METADATA in files):
             return f"manifest.json does not list {name}"
     for name, entry in files.items():
         problem = _file_problem(ckpt_dir, name, entry, fast)

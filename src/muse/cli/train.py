@@ -3,12 +3,17 @@
 The shape comes from one knob (--depth); any model field can be set with --set model.FIELD=value.
 Settings resolve as defaults <- --config FILE.toml <- flags <- --set key=value, and the result is
 written to RUN_DIR/base/train_config.json. Checkpoints go to RUN_DIR/base/step_*/ (latest -> newest).
+
+Several devices: `--nproc N` starts N processes on this node through torchrun's machinery (FSDP2 by
+default, `--parallel ddp`, `--tp 2` for tensor parallelism); for several nodes start it with torchrun
+itself. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXAMPLES = """examples:
@@ -16,6 +21,10 @@ EXAMPLES = """examples:
   muse train runs/demo --depth 4 --max-steps 600
   muse train runs/demo --resume                       # continue after a crash or Ctrl-C
   muse train runs/demo --config my.toml --set optim.matrix_lr=0.03 --set model.n_kv_head=2
+  muse train runs/demo --nproc 8 --depth 20           # one node of 8 GPUs, FSDP2
+  muse train runs/demo --nproc 8 --tp 2 --ac full     # 4-way FSDP x 2-way tensor parallel
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m muse train runs/demo
+  muse train runs/demo/base/step_000500 --consolidate # add full weights to a sharded checkpoint
 """
 
 
@@ -36,7 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype: auto (default) = bf16 where the device has it, fp32 on cpu")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
+    p.add_argument("--nproc", type=int, help="processes to start on this node (torchrun standalone); default 1")
+    p.add_argument("--parallel", choices=["fsdp", "ddp"], help="with several processes: fsdp (default) or ddp")
+    p.add_argument("--dp", type=int, help="data-parallel size (default: processes / tp)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
+    p.add_argument("--ac", choices=["none", "full"], help="activation checkpointing per block (default none)")
+    p.add_argument("--consolidate", action="store_true",
+                   help="add full weights (model.safetensors) to the sharded checkpoint RUN_DIR names, then exit")
     p.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s of an accelerator missing from the MFU table")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/base/latest exactly")
     p.add_argument("--force", action="store_true", help="start over even though checkpoints exist")
@@ -47,12 +65,18 @@ def run(args) -> int:
     from muse.train.config import load_config
     from muse.train.trainer import Trainer
 
+    if args.consolidate:
+        from muse.distributed.checkpoint import consolidate
+
+        print(f"full weights in {consolidate(args.run_dir)}")
+        return 0
     flags = {
         "depth": args.depth, "arch": args.arch, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "total_batch_tokens": args.total_batch_tokens, "max_steps": args.max_steps,
         "train_tokens": args.train_tokens, "device": args.device, "seed": args.seed,
-        "eval_every": args.eval_every, "save_every": args.save_every, "compile": args.compile,
-        "peak_flops": args.peak_flops,
+        "eval_every": args.eval_every, "save_every": args.save_every, "dtype": args.dtype,
+        "peak_flops": args.peak_flops, "parallel.compile": args.compile, "parallel.nproc": args.nproc,
+        "parallel.mode": args.parallel, "parallel.dp": args.dp, "parallel.tp": args.tp, "parallel.ac": args.ac,
     }
     sets = list(args.set)
     if args.optim_name:
@@ -60,7 +84,20 @@ def run(args) -> int:
     cfg = load_config(args.config, flags, sets)
     if not cfg.max_steps and not cfg.train_tokens:
         cfg.max_steps = 600
-    result = Trainer(cfg, args.run_dir, resume=args.resume, force=args.force).train()
+    trainer = Trainer(cfg, args.run_dir, resume=args.resume, force=args.force)  # checks the run dir first
+    if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # The launcher: start N copies of this very command under torchrun's agent. They see WORLD_SIZE
+        # and train; --nproc is then ignored. A failing rank surfaces here as one WorkerFailed line.
+        from muse.distributed.launch import launch
+
+        trainer.check(world_size=cfg.parallel.nproc)
+        launch(cfg.parallel.nproc, ["train", *_argv(args)])
+        return 0
+    result = trainer.train()
+    from muse.common import dist
+
+    if not dist.is_main():
+        return 0
     summary = {
         "checkpoint": str(result.checkpoint) if result.checkpoint else None, "steps": result.steps,
         "tokens": result.tokens, "params": result.params, "wall_s": round(result.wall_s, 2),
@@ -77,3 +114,24 @@ def run(args) -> int:
         print(f"checkpoint: {result.checkpoint}")
     sys.stdout.flush()
     return 0
+
+
+def _argv(args) -> list[str]:
+    """The command line that produced `args` (for the worker processes), rebuilt from the parser."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    out: list[str] = []
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings:
+            out.append(str(value))
+        elif value is None or value is False or value == action.default:
+            continue
+        elif isinstance(action, argparse._StoreTrueAction):
+            out.append(action.option_strings[0])
+        elif isinstance(action, argparse._AppendAction):
+            for v in value:
+                out += [action.option_strings[0], str(v)]
+        else:
+            out += [action.option_strings[0], str(value)]
+    return out

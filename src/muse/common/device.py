@@ -1,11 +1,22 @@
-"""Which accelerator to run on, which dtype and collective backend go with it, and how fast it is.
+"""Which accelerator to run on, which dtypes and collective backend go with it, and how fast it is.
 
 `pick_device("auto")` prefers cuda, then xpu, then mps, then an out-of-tree PrivateUse1 backend that
-has been registered with PyTorch (how in-house chips plug in), else cpu. `--device` overrides.
+has been registered with PyTorch (how in-house chips plug in, e.g. `torch_npu`), else cpu. `--device`
+overrides. Under torchrun each process takes the accelerator of its LOCAL_RANK (`local_rank=`).
+
+`dist_backend(type)` is the torch.distributed backend for collectives on that device: nccl (cuda), xccl
+(xpu), gloo (cpu, mps), or whatever backend a PrivateUse1 plugin registered for its device type
+(`torch.distributed.Backend.register_backend(..., devices=[name])`, e.g. hccl for npu).
+
+`dtype_policy(device, requested)` says which dtype the weights are kept in (fp32: the optimizer's master
+copy), which one the matmuls run in (bf16 where the device has bf16 autocast, else fp32) and which
+one gradients are reduced in across processes (fp32, so that averaging over many ranks loses nothing).
 
 The peak table holds dense (no 2:4 sparsity) bf16 tensor-core FLOP/s and HBM bandwidth from the vendors'
 data sheets; MFU is model FLOPs divided by this peak. Unknown chips report no MFU unless `--peak-flops`
 is given. On CPU there is no honest peak, so Muse reports achieved FLOP/s instead.
+
+What it does not know: models, process groups, meshes (muse.distributed builds those from the answers here).
 """
 
 from __future__ import annotations
@@ -42,6 +53,23 @@ PEAKS: list[tuple[str, float, float]] = [
     ("Max 1550", 838e12, 3.2e12),  # Intel Data Center GPU Max
 ]
 
+# Collective backends of the in-tree device types; PrivateUse1 plugins are looked up in torch's registry.
+_DIST_BACKENDS = {"cuda": "nccl", "xpu": "xccl", "cpu": "gloo", "mps": "gloo"}
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DtypePolicy:
+    """Dtype names (strings, so the policy prints and serialises as plain data)."""
+
+    param: str  # weights and optimizer state: "float32"
+    compute: str  # matmuls (autocast / FSDP's param_dtype): "bfloat16" or "float32"
+    reduce: str  # gradient reductions across processes: "float32"
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != self.param
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -50,7 +78,7 @@ class DeviceInfo:
     peak_flops: float | None  # dense bf16 FLOP/s, None when unknown (cpu, unlisted chips)
     peak_bandwidth: float | None  # bytes/s
     dist_backend: str  # "nccl", "xccl", "gloo", ...
-    autocast_dtype: str | None  # "bfloat16" on accelerators, None (fp32) on cpu
+    autocast_dtype: str | None  # "bfloat16" where the device autocasts to bf16, None (fp32) otherwise
 
 
 def _privateuse1_name() -> str | None:
@@ -82,20 +110,101 @@ def available_types() -> list[str]:
     return found
 
 
-def pick_device(requested: str = "auto"):
-    """A torch.device for `requested` ("auto", "cpu", "cuda", "cuda:1", "mps", ...), or a UsageError."""
+def pick_device(requested: str = "auto", *, local_rank: int | None = None):
+    """A torch.device for `requested` ("auto", "cpu", "cuda", "cuda:1", "mps", ...), or a UsageError.
+
+    `local_rank` (from torchrun's LOCAL_RANK) gives an accelerator without an explicit index the index of
+    this process on its node, so the 8 processes of a node get cuda:0 .. cuda:7. mps has one device.
+    """
     import torch
 
     found = available_types()
     if requested in (None, "", "auto"):
-        return torch.device(found[0])
-    try:
-        dev = torch.device(requested)
-    except RuntimeError:
-        raise UsageError(f"--device {requested!r} is not a device PyTorch knows; available here: {', '.join(found)}") from None
-    if dev.type not in found:
-        raise UsageError(f"--device {requested!r} is not available on this machine; available: {', '.join(found)}")
+        dev = torch.device(found[0])
+    else:
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise UsageError(f"--device {requested!r} is not a device PyTorch knows; available here: {', '.join(found)}") from None
+        if dev.type not in found:
+            raise UsageError(f"--device {requested!r} is not available on this machine; available: {', '.join(found)}")
+    if local_rank is not None and dev.index is None and dev.type not in ("cpu", "mps"):
+        count = device_count(dev.type)
+        if count and local_rank >= count:
+            raise UsageError(
+                f"process {local_rank} on this node has no {dev.type} device ({count} visible); start at most "
+                f"{count} processes per node (--nproc / --nproc-per-node)"
+            )
+        dev = torch.device(dev.type, local_rank)
     return dev
+
+
+def device_count(device_type: str) -> int:
+    """How many devices of `device_type` this process sees (0 when unknown)."""
+    import torch
+
+    if device_type == "cpu":
+        return 1
+    mod = getattr(torch, device_type, None)
+    return int(getattr(mod, "device_count", lambda: 0)())
+
+
+def set_device(device) -> None:
+    """Make `device` this process's current device (NCCL and friends pick their GPU from it)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type in ("cpu", "mps") or device.index is None:
+        return
+    mod = getattr(torch, device.type, None)
+    if mod is not None and hasattr(mod, "set_device"):
+        mod.set_device(device)
+
+
+def dist_backend(device_type: str) -> str:
+    """The torch.distributed backend for collectives on `device_type`; gloo when none is known."""
+    if device_type in _DIST_BACKENDS:
+        return _DIST_BACKENDS[device_type]
+    try:  # a PrivateUse1 plugin registers its backend for its device type
+        import torch.distributed as tdist
+
+        return tdist.Backend.default_device_backend_map.get(device_type, "gloo")
+    except (ImportError, AttributeError):
+        return "gloo"
+
+
+def _has_bf16_autocast(device) -> bool:
+    import torch
+
+    t = device.type
+    if t == "cpu":
+        return False  # bf16 matmuls on CPU are slower than fp32 on most machines, and tests want fp32
+    if t == "cuda":
+        return torch.cuda.is_bf16_supported()  # V100 and older: no bf16 tensor cores
+    check = getattr(torch.amp, "is_autocast_available", None)
+    return bool(check(t)) if check is not None else t in ("xpu", "mps")
+
+
+def dtype_policy(device, requested: str = "auto") -> DtypePolicy:
+    """The dtypes for training on `device`; `requested` is --dtype: auto, float32 or bfloat16.
+
+    Weights stay fp32 in every case: bf16 is a compute dtype (autocast, FSDP's param_dtype), and the
+    fp32 master weights are what the optimizer updates, so small updates are not rounded away.
+    """
+    import torch
+
+    device = torch.device(device)
+    if requested not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
+    if requested == "bfloat16" and device.type == "cpu":
+        compute = "bfloat16"  # allowed (CPU autocast supports bf16), just not the default
+    elif requested == "bfloat16" and not _has_bf16_autocast(device):
+        raise UsageError(f"--dtype bfloat16: {device.type} has no bf16 autocast here; use --dtype float32")
+    elif requested == "auto":
+        compute = "bfloat16" if _has_bf16_autocast(device) else "float32"
+    else:
+        compute = requested
+    return DtypePolicy(param="float32", compute=compute, reduce="float32")
 
 
 def lookup_peak(name: str) -> tuple[float | None, float | None]:
@@ -106,31 +215,40 @@ def lookup_peak(name: str) -> tuple[float | None, float | None]:
     return None, None
 
 
+def device_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    t = device.type
+    if t in ("cuda", "xpu"):
+        return getattr(torch, t).get_device_name(device)
+    if t == "cpu":
+        import platform
+
+        return platform.processor() or platform.machine() or "cpu"
+    mod = getattr(torch, t, None)  # PrivateUse1 plugins usually mirror torch.cuda's API
+    get_name = getattr(mod, "get_device_name", None)
+    if get_name is not None:
+        try:
+            return str(get_name(device.index or 0))
+        except Exception:  # a plugin without a real name lookup: the type is all we know
+            pass
+    return t
+
+
 def device_info(device, peak_flops: float | None = None) -> DeviceInfo:
     """Facts about `device`; `peak_flops` (from --peak-flops) overrides the table."""
     import torch
 
     device = torch.device(device)
     t = device.type
-    if t == "cuda":
-        name = torch.cuda.get_device_name(device)
-        backend = "nccl"
-    elif t == "xpu":
-        name = torch.xpu.get_device_name(device)
-        backend = "xccl"
-    elif t == "cpu":
-        import platform
-
-        name = platform.processor() or platform.machine() or "cpu"
-        backend = "gloo"
-    else:
-        name = t
-        backend = {"mps": "gloo"}.get(t, "gloo")
+    name = device_name(device)
     flops, bw = (None, None) if t == "cpu" else lookup_peak(name)
     if peak_flops:
         flops = float(peak_flops)
-    autocast = None if t == "cpu" else "bfloat16"
-    return DeviceInfo(type=t, name=name, peak_flops=flops, peak_bandwidth=bw, dist_backend=backend, autocast_dtype=autocast)
+    autocast = "bfloat16" if _has_bf16_autocast(device) else None
+    return DeviceInfo(type=t, name=name, peak_flops=flops, peak_bandwidth=bw, dist_backend=dist_backend(t),
+                      autocast_dtype=autocast)
 
 
 def synchronize(device) -> None:
@@ -138,9 +256,13 @@ def synchronize(device) -> None:
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "xpu":
-        torch.xpu.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    if device.type == "cpu":
+        return
+    mod = getattr(torch, device.type, None)
+    sync = getattr(mod, "synchronize", None)
+    if sync is None:
+        return
+    if device.type == "mps":
+        sync()
+    else:
+        sync(device)

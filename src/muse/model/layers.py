@@ -148,9 +148,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache=None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        # -1, not n_head: under tensor parallelism wq/wk/wv hold this rank's heads only (muse.distributed)
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
@@ -167,7 +168,7 @@ class Attention(nn.Module):
                 if k.dtype != q.dtype:  # a cache kept in another dtype than this step's autocast output
                     k, v = k.to(q.dtype), v.to(q.dtype)
             y = _sdpa(q, k, v, start)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, local heads * D)
         return self.wo(y)
 
 

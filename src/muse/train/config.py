@@ -1,6 +1,6 @@
 """`TrainConfig`: what `muse train` needs, resolved from defaults <- TOML file <- flags <- `--set`.
 
-Sections are small dataclasses owned by their components (`OptimConfig`, `ScheduleConfig`); the model's
+Sections are small dataclasses owned by their components (`OptimConfig`, `ScheduleConfig`, `ParallelConfig`); the model's
 shape is derived from `depth` by `ModelConfig.from_depth`, and any model field can be overridden under
 `[model]` (or `--set model.n_kv_head=2`). Unknown keys are errors that name the closest valid keys.
 The resolved config is written into the run directory as `train_config.json`.
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from muse.common.errors import ConfigError, closest
+from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig
 from muse.train.optim import OptimConfig
 from muse.train.schedule import ScheduleConfig
@@ -46,11 +47,12 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 3
     milestone_every: int = 0
+    full_weights: bool = True  # multi-process saves also gather model.safetensors (muse.distributed.checkpoint)
     # runtime
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"  # auto = bf16 autocast on accelerators, fp32 on cpu
-    compile: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # processes, FSDP/DDP, TP, AC, compile
     peak_flops: float = 0.0  # dense bf16 FLOP/s for chips missing from muse.common.device.PEAKS
     tensorboard: bool = True
     plot: bool = True
@@ -168,6 +170,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.arch not in ("llama", "gpt2"):
         raise ConfigError(f"arch must be llama or gpt2, got {cfg.arch!r}")
+    cfg.parallel = ParallelConfig(**dataclasses.asdict(cfg.parallel))  # re-validate after overrides
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:

@@ -10,9 +10,15 @@ Muon is only for the >= 2-D weights inside the hidden blocks. Embeddings, the ou
 parameter (norm gains, biases) belong to AdamW; `muse.train.optim.build_optimizer` does that split.
 Parameters with more than two dimensions are flattened to (shape[0], -1) for the iteration.
 
-This module does not know about models, parameter names, schedules or process groups. The iteration is
-the standalone function `zeropower_via_newtonschulz5` so that a sharded (DTensor / FSDP) variant can
-gather a matrix, call it, and scatter the result without touching this class.
+Sharded parameters (DTensors from FSDP2 and/or tensor parallelism, muse.distributed) are handled the
+simple, exact way: the momentum update is elementwise and runs on each rank's shard, but the iteration
+needs the whole matrix, so each one is gathered (`full_tensor()`), orthogonalised on every rank, and each
+rank keeps its own shard of the result (a local slice, no second collective). The cost: one all-gather
+of every hidden matrix per step (the same volume FSDP's forward moves) and the iteration's FLOPs repeated
+on every rank instead of split among them. That is cheap next to a training step at the scales Muse
+targets; distributing whole matrices round-robin over ranks would remove the repetition.
+
+This module does not know about models, parameter names, schedules or process groups.
 """
 
 from __future__ import annotations
@@ -135,8 +141,10 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1.0 - mu)
                 m = torch.lerp(g, buf, mu) if group["nesterov"] else buf
+                if _is_dtensor(m):
+                    m = m.full_tensor()  # every rank gets the whole matrix (see the module docstring)
                 m2d = m.reshape(m.size(0), -1)  # (rows, cols); conv-style weights flatten their fan-in
-                buckets.setdefault((tuple(m2d.shape), m2d.dtype, p.device), []).append((p, m2d))
+                buckets.setdefault((tuple(m2d.shape), m2d.dtype, m2d.device), []).append((p, m2d))
             for (shape, _, device), items in buckets.items():
                 rows, cols = shape
                 stacked = torch.stack([m2d for _, m2d in items])  # (k, rows, cols)
@@ -146,7 +154,27 @@ class Muon(torch.optim.Optimizer):
                 # (e.g. an MLP up-projection's (4d, d) weight) move as much per entry as wide ones.
                 scale = max(1.0, rows / cols) ** 0.5
                 for (p, _), update in zip(items, updates.unbind(0)):
+                    update = update.reshape(p.shape).to(p.dtype)
+                    if _is_dtensor(p):
+                        update = _shard_like(update, p)
                     if wd:
                         p.mul_(1.0 - lr * wd)
-                    p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
+                    p.add_(update, alpha=-lr * scale)
         return loss
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"  # no torch.distributed import for the common, unsharded case
+
+
+def _shard_like(full: torch.Tensor, p):
+    """This rank's shard of `full` (the whole matrix, identical on every rank) laid out as DTensor `p`.
+
+    Replicate -> Shard is a local slice in DTensor (no communication), and it follows the exact layout
+    FSDP2 and TP chose, uneven and strided shards included.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = p.device_mesh
+    whole = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, p.placements)

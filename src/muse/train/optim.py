@@ -17,7 +17,8 @@ both an embedding and the head counts as an embedding.
 `MuseOptimizer` wraps the torch optimizers: one `step()`, `zero_grad()`, `param_groups` (each group
 records its base lr as `initial_lr` and a `name`), `set_lr_multiplier(m)` for the schedule, and a
 `state_dict()` that round-trips exactly. This module knows nothing about schedules, data or the
-training loop; it does not move, wrap or shard the model.
+training loop; it does not move, wrap or shard the model, but it steps sharded (DTensor) parameters:
+Muon gathers each matrix for its iteration (muon.py) and gradient clipping measures the global norm.
 """
 
 from __future__ import annotations
@@ -234,7 +235,10 @@ class MuseOptimizer:
         params = [p for p in self.params() if p.grad is not None]
         if not params:
             return torch.zeros(())
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        max_norm = max_norm if max_norm > 0 else float("inf")
+        if not any(_is_dtensor(p.grad) for p in params):
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return _clip_sharded_grad_norm_([p.grad for p in params], max_norm)
 
     def state_dict(self) -> dict:
         return {
@@ -274,6 +278,38 @@ class MuseOptimizer:
                 f"{len(g['params'])} tensors  {numel:,} params: {shown}"
             )
         return "\n".join(lines)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _clip_sharded_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ for gradients that are DTensors on different meshes (FSDP2 + TP: the TP'd weights
+    live on the 2-D mesh, norms and embeddings on the dp mesh alone), which torch's version refuses.
+
+    Each group of one (mesh, placements) reduces to one DTensor norm, made whole with one tiny collective
+    (a shard counts once, a replica once); the groups combine as a root of summed squares. Scaling is
+    local: every rank multiplies its own shards by the same coefficient. Returns the total norm (plain).
+    """
+    from collections import defaultdict
+
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        groups[(g.device_mesh, tuple(g.placements)) if _is_dtensor(g) else ("local", g.device)].append(g)
+    squares = []
+    for key, members in groups.items():
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in members]))
+        if key[0] != "local":
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    device = squares[0].device
+    total = torch.stack([s.to(device) for s in squares]).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        local = g.to_local() if _is_dtensor(g) else g
+        local.mul_(coef.to(local.device, local.dtype))
+    return total
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MuseOptimizer:

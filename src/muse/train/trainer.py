@@ -6,8 +6,16 @@
 bit on CPU, because everything that decides the next step (weights, optimizer moments, loader position,
 RNG states, step) is in the checkpoint.
 
+One code path for 1 and N processes too. Under torchrun (WORLD_SIZE > 1) it joins the process group,
+builds the (dp, tp) mesh, parallelizes the model (FSDP2 or DDP, optional TP), reads the data-parallel
+rank's share of the batches, averages the logged loss and the val loss over the data-parallel ranks and
+saves sharded checkpoints that resume at any world size (muse.distributed). With one process every one
+of those steps is a no-op. Rank 0 alone writes metrics, plots, configs and progress bars. A rank that
+fails records its error for the launcher (muse.distributed.launch), which stops the others.
+
 What it does not know: how the model is built (muse.model), how optimizers group parameters
-(muse.train.optim), how checkpoints are laid out (muse.checkpoint) or where data come from (muse.data).
+(muse.train.optim), how checkpoints are laid out (muse.checkpoint, muse.distributed.checkpoint), how
+the model is sharded (muse.distributed) or where data come from (muse.data).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from muse.checkpoint import (
     verify_checkpoint,
 )
 from muse.common import dist
-from muse.common.device import device_info, pick_device, synchronize
+from muse.common.device import device_info, dtype_policy, pick_device, synchronize
 from muse.common.errors import (
     CheckpointError,
     ConfigError,
@@ -45,6 +53,10 @@ from muse.common.errors import (
 from muse.common.logging import get_logger, progress
 from muse.common.paths import atomic_write_json, ensure_writable_dir
 from muse.data import TokenLoader, bytes_per_token
+from muse.distributed import checkpoint as sharded
+from muse.distributed import mesh as dmesh
+from muse.distributed.launch import maybe_inject_fault, record_failure
+from muse.distributed.parallelize import check_supported, grad_sync, parallelize
 from muse.model import build_model, count_params, flops_per_token
 from muse.tokenizer import Tokenizer
 from muse.train.config import TrainConfig, model_config
@@ -94,13 +106,26 @@ class Trainer:
             raise DataError(f"no prepared data in {self.data_dir}; run `muse prepare --out {self.run_dir}` first")
 
     # ---------------------------------------------------------------- setup
+    def check(self, world_size: int | None = None) -> None:
+        """Fail fast, before any process starts, on settings that cannot run on `world_size` processes."""
+        cfg = self.cfg
+        world = world_size or dist.world_size()
+        model_cfg = model_config(cfg, Tokenizer.from_file(self.data_dir / "tokenizer.json").vocab_size)
+        _, tp = dmesh.resolve_mesh_shape(world, cfg.parallel.dp, cfg.parallel.tp)
+        check_supported(cfg.parallel, model_cfg, tp=tp, seq_len=cfg.seq_len)
+        if world > 1:
+            pick_device(cfg.device, local_rank=world - 1)  # one accelerator per process on this node
+
     def _setup(self):
         cfg = self.cfg
-        self.device = pick_device(cfg.device)
+        self.world = dist.world_size()
+        self.rank = dist.rank()
+        self.device = pick_device(cfg.device, local_rank=dist.local_rank() if self.world > 1 else None)
         self.info = device_info(self.device, cfg.peak_flops or None)
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.info.autocast_dtype == "bfloat16")
+        self.policy = dtype_policy(self.device, cfg.dtype)
         self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.policy.compute == "bfloat16"
+            else contextlib.nullcontext()
         )
         self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
         self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
@@ -109,14 +134,18 @@ class Trainer:
                 f"seq_len {cfg.seq_len} is beyond what the model supports (max_seq_len {self.model_cfg.max_seq_len}); "
                 f"lower --seq-len or --set model.max_seq_len={cfg.seq_len}"
             )
-        self.world = dist.world_size()
-        self.rank = dist.rank()
-        micro_tokens = cfg.batch_size * cfg.seq_len * self.world
+        _, tp = dmesh.resolve_mesh_shape(self.world, cfg.parallel.dp, cfg.parallel.tp)
+        check_supported(cfg.parallel, self.model_cfg, tp=tp, seq_len=cfg.seq_len)
+        self.owns_process_group = self.world > 1 and not dmesh.is_initialized()
+        self.mesh = dmesh.init_distributed(self.device, cfg.parallel.dp, cfg.parallel.tp)  # None: one process
+        # The ranks of one tensor-parallel group read the same batches; data-parallel ranks disjoint ones.
+        self.dp_rank, self.dp_size = dmesh.data_rank(self.mesh)
+        micro_tokens = cfg.batch_size * cfg.seq_len * self.dp_size
         total = cfg.total_batch_tokens or micro_tokens
         if total % micro_tokens:
             raise ConfigError(
-                f"total_batch_tokens {total} is not a multiple of batch_size*seq_len*processes = {micro_tokens}; "
-                f"choose a multiple (e.g. {max(1, round(total / micro_tokens)) * micro_tokens})"
+                f"total_batch_tokens {total} is not a multiple of batch_size*seq_len*data-parallel processes = "
+                f"{micro_tokens}; choose a multiple (e.g. {max(1, round(total / micro_tokens)) * micro_tokens})"
             )
         self.accum = total // micro_tokens
         self.tokens_per_step = total
@@ -126,23 +155,22 @@ class Trainer:
             self.total_steps = max(1, cfg.train_tokens // total)
         else:
             raise ConfigError("set a horizon: --max-steps N or --train-tokens N")
+        # Every rank builds and initialises the full model from the same seed, so a sharded run starts
+        # from exactly the weights of a single-process one; parallelize() then keeps each rank's shards.
         torch.manual_seed(cfg.seed)
-        self.model = build_model(self.model_cfg, device=self.device)
+        self.plain = build_model(self.model_cfg, device=self.device)
         self.n_params = count_params(self.model_cfg)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len)
         # --depth derives the learning rates too: AdamW lrs for embeddings and head scale with width.
         self.optim_cfg = cfg.optim.for_width(self.model_cfg.d_model) if cfg.optim.name == "muon" else cfg.optim
-        self.optimizer = build_optimizer(self.model, self.optim_cfg)
         self.train_loader = TokenLoader(self.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                                        rank=self.rank, world_size=self.world, device=self.device)
+                                        rank=self.dp_rank, world_size=self.dp_size, device=self.device)
         self.val_loader = TokenLoader(self.data_dir, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                                      rank=self.rank, world_size=self.world, device=self.device)
+                                      rank=self.dp_rank, world_size=self.dp_size, device=self.device)
         self.val_bytes_per_token = bytes_per_token(self.data_dir, "val")
-        self.step_fn = torch.compile(self.model) if cfg.compile else self.model
 
-    def _start_or_resume(self) -> tuple[int, int, float]:
-        """(step, tokens, elapsed_s) to continue from; refuses to clobber an existing run."""
-        self.train_time_before = 0.0
+    def _resume_checkpoint(self) -> tuple[Path | None, dict | None]:
+        """(checkpoint, its train state) to continue from, or (None, None); refuses to clobber a run."""
         existing = list_checkpoints(self.stage_dir) if self.stage_dir.exists() else []
         if not self.resume:
             if existing and not self.force:
@@ -150,7 +178,7 @@ class Trainer:
                     f"{self.stage_dir} already holds checkpoints (newest {existing[-1].name}); "
                     "pass --resume to continue it or --force to start over"
                 )
-            return 0, 0, 0.0
+            return None, None
         if not existing:
             raise CheckpointError(f"--resume: no checkpoint in {self.stage_dir}; start without --resume")
         ckpt = resolve_checkpoint(self.stage_dir, stages=(self.stage,))
@@ -160,8 +188,27 @@ class Trainer:
         diff = describe_difference(saved_model, self.model_cfg.to_dict())
         if diff:
             raise ConfigError(f"--resume with a changed model shape is not possible ({ckpt}):\n{diff}")
-        self.model.load_state_dict(load_model_state(ckpt))
-        self.optimizer.load_state_dict(state["optimizer"])
+        return ckpt, state
+
+    def _build(self, ckpt: Path | None) -> None:
+        """Parallelize the model (weights of a single-device checkpoint go in first) and build the optimizer."""
+        if ckpt is not None and not sharded.is_sharded(ckpt):
+            self.plain.load_state_dict(load_model_state(ckpt))
+        self.model = parallelize(self.plain, self.mesh, self.cfg.parallel, policy=self.policy, device=self.device)
+        self.optimizer = build_optimizer(self.model, self.optim_cfg)
+
+    def _restore(self, ckpt: Path | None, state: dict | None) -> tuple[int, int, float]:
+        """(step, tokens, elapsed_s) to continue from, with optimizer, loader and RNG restored."""
+        self.train_time_before = 0.0
+        if ckpt is None:
+            return 0, 0, 0.0
+        if sharded.is_sharded(ckpt):  # any world size, any layout -> this one
+            sharded.load_sharded(ckpt, self.model, self.optimizer)
+        else:
+            optim_state = state["optimizer"]
+            if self.mesh is not None:  # a single-device checkpoint resumed on N processes
+                optim_state = sharded.shard_optimizer_state(self.optimizer, optim_state)
+            self.optimizer.load_state_dict(optim_state)
         self.train_loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
         self.train_time_before = float(state.get("train_time_s", 0.0))
@@ -180,6 +227,10 @@ class Trainer:
             total += float(loss)
             n += int((y != -1).sum())  # the last batch may be smaller: weight by tokens
         self.model.train()
+        if self.mesh is not None:  # sum over the data-parallel ranks (tp ranks saw the same windows)
+            both = dmesh.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=self.device),
+                                        self.mesh, "dp")
+            total, n = float(both[0]), int(both[1])
         if n == 0:
             raise DataError("the val split is too small for one batch; lower --seq-len/--batch-size or raise --val-fraction")
         val = total / n
@@ -190,11 +241,13 @@ class Trainer:
         if self.optim_cfg.name == "muon":
             self.optimizer.set_muon_momentum(muon_momentum(step, end=self.optim_cfg.momentum))
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accum):
+        for i in range(self.accum):
             x, y = self.train_loader.next_batch()
-            with self.autocast:
-                loss = self.step_fn(x, y)
-            (loss / self.accum).backward()
+            # Gradients are reduced across ranks on the last micro-batch only (no-op for one process).
+            with grad_sync(self.model, enabled=i == self.accum - 1):
+                with self.autocast:
+                    loss = self.model(x, y)
+                (loss / self.accum).backward()
             loss_sum += loss.detach()
         self.optimizer.clip_grad_norm_(self.optim_cfg.grad_clip)
         self.optimizer.step()
@@ -207,13 +260,20 @@ class Trainer:
             "tokens": tokens,
             "elapsed_s": elapsed,
             "train_time_s": train_time,  # time inside training steps only: tokens / train_time_s = throughput
-            "optimizer": self.optimizer.state_dict(),
-            "loader": self.train_loader.state_dict(),
-            "rng": capture_rng_state(),
+            "loader": self.train_loader.state_dict(),  # the same on every rank: they move in lockstep
+            "rng": capture_rng_state(),  # rank 0's; training draws no random numbers after init
             "model_config": self.model_cfg.to_dict(),
         }
+        if self.mesh is not None:  # the optimizer state goes into the shards, by parameter name
+            return sharded.save_sharded(
+                self.stage_dir, step, model=self.model, optimizer=self.optimizer, model_config=self.model_cfg,
+                tokenizer=self.tokenizer, train_state=train_state,
+                meta={"stage": self.stage, "tokens": tokens, **extra_meta}, keep_last=self.cfg.keep_last,
+                milestone_every=self.cfg.milestone_every or None, full_weights=self.cfg.full_weights,
+            )
+        train_state["optimizer"] = self.optimizer.state_dict()
         return save_checkpoint(
-            self.stage_dir, step, model=self.model, model_config=self.model_cfg, tokenizer=self.tokenizer,
+            self.stage_dir, step, model=self.plain, model_config=self.model_cfg, tokenizer=self.tokenizer,
             train_state=train_state, meta={"stage": self.stage, "tokens": tokens, **extra_meta},
             keep_last=self.cfg.keep_last, milestone_every=self.cfg.milestone_every or None,
         )
@@ -224,22 +284,51 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
+        """Train to the horizon (or max_time_s); on several processes a failure on any rank ends them all."""
+        self.step: int | None = None  # the last finished step, once training has started
+        try:
+            result = self._train()
+        except BaseException as e:
+            # Log it here, on the failing rank, and leave it where the launcher/torchrun reads it. The
+            # process group is not torn down: the other ranks may sit in a collective; the agent stops them.
+            if dist.world_size() > 1 and not isinstance(e, KeyboardInterrupt):
+                raised = record_failure(e, None if self.step is None else self.step + 1)
+                if raised is not e:
+                    raise raised from None
+            raise
+        if getattr(self, "owns_process_group", False):
+            dmesh.barrier()
+            dmesh.shutdown()
+        return result
+
+    def _global_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over the data-parallel ranks (each saw its own batches); syncs."""
+        if self.mesh is None:
+            return float(loss)
+        return float(dmesh.all_reduce_mean(loss.detach().clone(), self.mesh, "dp"))
+
+    def _train(self) -> TrainResult:
         cfg = self.cfg
         ensure_writable_dir(self.stage_dir)
         self._setup()
         self.schedule = ScheduleConfig(**{**cfg.schedule.__dict__, "total_steps": self.total_steps})
-        step, tokens, elapsed_before = self._start_or_resume()
+        resume_from, resume_state = self._resume_checkpoint()
+        self._build(resume_from)
+        step, tokens, elapsed_before = self._restore(resume_from, resume_state)
+        self.step = step
         if dist.is_main():
             atomic_write_json(self.stage_dir / "train_config.json", {
                 "train": cfg.to_dict(), "model": self.model_cfg.to_dict(), "total_steps": self.total_steps,
                 "tokens_per_step": self.tokens_per_step, "grad_accum": self.accum, "params": self.n_params,
                 "device": self.info.name, "world_size": self.world,
+                "mesh": {"dp": self.dp_size, "tp": self.world // self.dp_size} if self.mesh is not None else None,
             })
         metrics = MetricsLogger(self.stage_dir, tensorboard=cfg.tensorboard, plot=cfg.plot)
         metrics.truncate_after(step)
+        where = self.info.name if self.world == 1 else (
+            f"{self.world} x {self.info.name} ({cfg.parallel.mode}, dp {self.dp_size} x tp {self.world // self.dp_size})")
         log.info("%s model, %s params, %d steps x %s tokens (grad accum %d) on %s", self.model_cfg.arch,
-                 format_count(self.n_params), self.total_steps, format_count(self.tokens_per_step), self.accum,
-                 self.info.name)
+                 format_count(self.n_params), self.total_steps, format_count(self.tokens_per_step), self.accum, where)
         self.model.train()
         last_loss = float("nan")
         val_loss = val_bpb = None
@@ -252,6 +341,7 @@ class Trainer:
         bar = progress(total=self.total_steps, initial=step, desc="train", unit="step")
         try:
             while step < self.total_steps:
+                maybe_inject_fault(step + 1)
                 try:
                     loss = self._train_step(step)
                 except Exception as e:
@@ -263,12 +353,16 @@ class Trainer:
                         ) from None
                     raise
                 step += 1
+                self.step = step
                 tokens += self.tokens_per_step
                 tok_window += self.tokens_per_step
                 last = step == self.total_steps
                 out_of_time = cfg.max_time_s and (time.perf_counter() - t_start) >= cfg.max_time_s
+                if cfg.max_time_s and self.mesh is not None:
+                    out_of_time = dmesh.any_rank(bool(out_of_time), self.device)  # the ranks stop together
+                step_loss = None  # the global loss, computed at most once per step (it syncs)
                 if step % cfg.log_every == 0 or last or out_of_time:
-                    last_loss = float(loss)  # syncs the device
+                    last_loss = step_loss = self._global_loss(loss)
                     if not math.isfinite(last_loss):
                         raise TrainingDiverged(
                             f"loss became {last_loss} at step {step}; stopped without saving, {self._last_good()}. "
@@ -297,8 +391,10 @@ class Trainer:
                     t_window, tok_window = time.perf_counter(), 0  # throughput excludes evaluation
                 bar.update(1)
                 if (cfg.save_every and step % cfg.save_every == 0) or last or out_of_time:
-                    if not math.isfinite(float(loss)):
-                        raise TrainingDiverged(f"loss became {float(loss)} at step {step}; not saving it, {self._last_good()}")
+                    if step_loss is None:
+                        step_loss = self._global_loss(loss)
+                    if not math.isfinite(step_loss):
+                        raise TrainingDiverged(f"loss became {step_loss} at step {step}; not saving it, {self._last_good()}")
                     synchronize(self.device)
                     now = time.perf_counter()  # count the steps since the last log before saving the totals
                     train_time += now - t_window

@@ -270,6 +270,28 @@ def test_sample_runs_on_an_imported_model(tok, tmp_path, capsys):
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), "--force"]) == 0
 
 
+def test_continued_pretraining_of_an_imported_model(tok, tmp_path, capsys):
+    """import -> prepare with the model's tokenizer -> train --init-from: the imported weights are the start."""
+    hf = _hf_model("llama", tied=True)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(3)
+    for i in range(6):
+        (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300)) + "\n")
+    run = tmp_path / "cpt"
+    assert main(["prepare", str(corpus), "--out", str(run), "--tokenizer", str(tmp_path / "imported" / "base" / "latest"
+                                                                                / "tokenizer.json")]) == 0
+    assert main(["train", str(run), "--init-from", str(tmp_path / "imported"), "--seq-len", "32", "--batch-size", "2",
+                 "--max-steps", "2", "--device", "cpu", "--set", "eval_batches=1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, _, _ = load(run)
+    assert out["steps"] == 2 and model.config.d_model == 64 and model.config.n_kv_head == 2
+    assert model.config.rope_theta == 5e5  # the imported model's settings, not the depth rule's
+
+
 # --- refusals: one line, exit 2, no traceback --------------------------------------------------------
 
 LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": 64,

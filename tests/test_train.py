@@ -194,3 +194,25 @@ def test_sample_from_run(tiny_run, capsys):
     assert main(args) == 0
     b = json.loads(capsys.readouterr().out)
     assert a == b and 1 <= a["tokens"] <= 8
+
+
+def test_init_from_continues_pretraining_from_weights(tiny_run, tmp_path, capsys):
+    """--init-from takes a checkpoint's shape and weights (e.g. one made by `muse import`), fresh optimizer."""
+    import shutil
+
+    assert main(["train", str(tiny_run), *TINY, "--max-steps", "30"]) == 0
+    trained_last = _losses(tiny_run)[30]
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(tiny_run / "data", second / "data")
+    ckpt = tiny_run / "base" / "latest"
+    # no --depth/model flags: the checkpoint fixes the shape
+    args = ["--seq-len", "32", "--batch-size", "4", "--set", "log_every=1", "--device", "cpu", "--max-steps", "3"]
+    assert main(["train", str(second), "--init-from", str(ckpt), *args]) == 0
+    first_loss = _losses(second)[1]
+    assert first_loss < trained_last + 0.5 < 5.0  # starts where the first run ended, not at ~ln(320)=5.8
+    cfg = json.loads((second / "base" / "train_config.json").read_text())
+    assert cfg["model"]["d_model"] == 64 and cfg["model"]["n_layer"] == 2
+    capsys.readouterr()
+    code = main(["train", str(tmp_path / "second"), "--init-from", str(ckpt), *args, "--force", "--set", "model.n_layer=3"])
+    _one_line_error(capsys, code, "n_layer")

@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consolidate", action="store_true",
                    help="add full weights (model.safetensors) to the sharded checkpoint RUN_DIR names, then exit")
     p.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s of an accelerator missing from the MFU table")
+    p.add_argument("--init-from", help="checkpoint whose shape and weights to continue pretraining from (e.g. one made "
+                   "by `muse import`); prepare the data with its tokenizer: muse prepare --tokenizer CKPT/tokenizer.json")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/base/latest exactly")
     p.add_argument("--force", action="store_true", help="start over even though checkpoints exist")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
@@ -75,7 +77,7 @@ def run(args) -> int:
         "total_batch_tokens": args.total_batch_tokens, "max_steps": args.max_steps,
         "train_tokens": args.train_tokens, "device": args.device, "seed": args.seed,
         "eval_every": args.eval_every, "save_every": args.save_every, "dtype": args.dtype,
-        "peak_flops": args.peak_flops, "parallel.compile": args.compile, "parallel.nproc": args.nproc,
+        "peak_flops": args.peak_flops, "init_from": args.init_from, "parallel.compile": args.compile, "parallel.nproc": args.nproc,
         "parallel.mode": args.parallel, "parallel.dp": args.dp, "parallel.tp": args.tp, "parallel.ac": args.ac,
     }
     sets = list(args.set)

@@ -25,7 +25,8 @@ from muse.train.schedule import ScheduleConfig
 
 @dataclass
 class TrainConfig:
-    # shape: one knob, then any ModelConfig field under `model`
+    # shape: one knob, then any ModelConfig field under `model`; or the shape and weights of a checkpoint
+    init_from: str = ""  # a checkpoint (e.g. from `muse import`) to continue pretraining: its config wins
     depth: int = 4
     arch: str = "llama"
     model: dict[str, Any] = field(default_factory=dict)
@@ -174,7 +175,22 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The model's shape: `depth` derives the rest; `cfg.model` overrides any field."""
+    """The model's shape: `depth` derives the rest; `cfg.model` overrides any field. With `init_from`, the
+    checkpoint's config is the shape (`cfg.model` may still change max_seq_len, which has no weights)."""
+    if cfg.init_from:
+        from muse.checkpoint import read_config, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(cfg.init_from, stages=("base",))
+        saved = read_config(ckpt)
+        extra = {k: v for k, v in cfg.model.items() if saved.get(k) != v}
+        if set(extra) - {"max_seq_len"}:
+            raise ConfigError(f"init_from {cfg.init_from} fixes the model shape; drop these model settings: "
+                              f"{', '.join(sorted(set(extra) - {'max_seq_len'}))}")
+        if saved["vocab_size"] < vocab_size:  # a model may pad its vocabulary; it may not lack ids
+            raise ConfigError(f"init_from {ckpt} has vocab {saved['vocab_size']} but the run's tokenizer has "
+                              f"{vocab_size}; prepare the data with `muse prepare --tokenizer {ckpt}/tokenizer.json`")
+        saved["max_seq_len"] = max(saved["max_seq_len"], extra.get("max_seq_len", cfg.seq_len))
+        return ModelConfig.from_dict(saved)
     overrides = dict(cfg.model)
     overrides.setdefault("max_seq_len", cfg.seq_len)
     return ModelConfig.from_depth(cfg.depth, vocab_size, arch=cfg.arch, **overrides)

@@ -194,6 +194,10 @@ class Trainer:
         """Parallelize the model (weights of a single-device checkpoint go in first) and build the optimizer."""
         if ckpt is not None and not sharded.is_sharded(ckpt):
             self.plain.load_state_dict(load_model_state(ckpt))
+        elif ckpt is None and self.cfg.init_from:  # continued pretraining: weights only, a fresh optimizer
+            init = resolve_checkpoint(self.cfg.init_from, stages=("base",))
+            self.plain.load_state_dict(load_model_state(init))
+            log.info("initialised the weights from %s", init)
         self.model = parallelize(self.plain, self.mesh, self.cfg.parallel, policy=self.policy, device=self.device)
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
 

@@ -45,7 +45,11 @@ def run_one(arch: str, optim: str, args, device, info, fsdp: bool = False) -> di
                             policy=dtype_policy(device), device=device)
         step_model = model
     else:
-        step_model = torch.compile(model) if args.compile else model
+        if args.compile:  # what `muse train --compile` does: each block compiled (one graph, reused)
+            from muse.distributed.parallelize import apply_compile
+
+            apply_compile(model)
+        step_model = model
     opt = build_optimizer(model, OptimConfig(name=optim).for_width(cfg.d_model) if optim == "muon" else OptimConfig(name=optim))
     bf16 = device.type != "cpu"
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -95,7 +99,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="torch.compile the plain model")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block of the plain model")
     p.add_argument("--fsdp", action="store_true", help="also run FSDP2 (world size 1) + per-block compile")
     p.add_argument("--device", default="auto")
     p.add_argument("--json-out")

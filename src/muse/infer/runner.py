@@ -1,0 +1,232 @@
+"""ModelRunner: executes one SchedulerOutput on the model and returns a RunnerOutput.
+
+The only part of the engine that touches tensors. Per step:
+  1. drop the state of finished and preempted requests; (re)build it for `is_new` ones;
+  2. flatten every scheduled request's tokens into ONE (1, N) batch and build the step's attention
+     plan over the paged K/V pool (paged_cache.py): prefill chunks, decodes and draft verifications
+     of any number of requests in one forward pass;
+  3. compute logits only at the rows that need them: each sampling request's last known token and
+     its drafts, and the positions whose next token is a prompt token for prompt_logprobs requests;
+  4. sample (sampler.py), or verify drafts by rejection sampling (spec_decode.py); logprobs of the
+     sampled tokens and of the prompt tokens, from the raw model distribution;
+  5. propose drafts for the next step, if speculative decoding is on.
+
+Runner-side request state is the token list (prompt + output as the runner knows it, for penalties
+and proposals), the sampling seed, and the draft distributions awaiting verification. It knows
+nothing about scheduling policy: it executes every SchedulerOutput exactly as given (the scheduler
+registers prefix-cache blocks at schedule time, so dropping part of a step would corrupt them).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from muse.common.errors import ConfigError
+from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan
+from muse.infer.sampler import SamplingBatch, SamplingRow, sample, target_probs, token_logprobs
+from muse.infer.sampling_params import SamplingParams
+from muse.infer.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from muse.infer.spec_decode import (
+    DraftInput,
+    DraftModelProposer,
+    NgramProposer,
+    SpeculativeConfig,
+    rejection_sample,
+)
+
+
+@dataclass
+class _RequestState:
+    token_ids: list[int]                    # prompt + output known to the runner
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    stop_ids: tuple[int, ...]               # masked below min_tokens
+    max_tokens: int                         # generation limit (clamped to the model's length)
+    draft_probs: torch.Tensor | None = None  # (k, V) proposal distributions of the pending drafts
+
+
+class ModelRunner:
+    """Owns the paged K/V pool and executes scheduler steps on `model`."""
+
+    def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
+                 eos_token_id: int | None = None, seed: int = 0,
+                 speculative: SpeculativeConfig | None = None, max_batched_query: int = 64,
+                 vocab_limit: int | None = None):
+        self.model = model
+        cfg = model.config
+        if max_model_len > cfg.max_seq_len:
+            raise ConfigError(f"max_model_len ({max_model_len}) is longer than the model's max_seq_len "
+                              f"({cfg.max_seq_len}); lower it")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = cfg.vocab_size
+        # a model whose vocabulary was padded past the tokenizer's must never sample the padding ids
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < cfg.vocab_size else None
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.eos_token_id = eos_token_id
+        self.max_batched_query = max_batched_query
+        self.pool = PagedKVPool.for_model(cfg, num_blocks, block_size, self.device, self.dtype)
+        self.states: dict[str, _RequestState] = {}
+        self._rng = random.Random(seed)  # seeds for unseeded requests
+        self.proposer = None
+        if speculative is not None:
+            if speculative.method == "ngram":
+                self.proposer = NgramProposer(speculative.num_tokens, speculative.ngram_min,
+                                              speculative.ngram_max)
+            else:
+                draft = speculative.draft_model
+                if draft.config.vocab_size != cfg.vocab_size:
+                    raise ConfigError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from "
+                                      f"the target's ({cfg.vocab_size}); drafts must use the same tokenizer")
+                if draft.config.max_seq_len < max_model_len:
+                    raise ConfigError(f"the draft model's max_seq_len ({draft.config.max_seq_len}) is shorter "
+                                      f"than max_model_len ({max_model_len})")
+                self.proposer = DraftModelProposer(draft, speculative.num_tokens, num_blocks, block_size,
+                                                   self.device, max_batched_query)
+
+    # ----- request state -----------------------------------------------------------------------------
+    def _state(self, s: ScheduledRequest) -> _RequestState:
+        if s.is_new:
+            p = s.sampling_params
+            stop = tuple(p.stop_token_ids)
+            if self.eos_token_id is not None and not p.ignore_eos:
+                stop += (self.eos_token_id,)
+            limit = sys.maxsize if p.max_tokens is None else p.max_tokens
+            self.states[s.request_id] = _RequestState(
+                token_ids=list(s.all_token_ids), num_prompt_tokens=s.num_prompt_tokens, params=p,
+                seed=p.seed if p.seed is not None else self._rng.getrandbits(63), stop_ids=stop,
+                max_tokens=min(limit, self.max_model_len - s.num_prompt_tokens))
+        return self.states[s.request_id]
+
+    def _row(self, st: _RequestState, position: int, history: list[int]) -> SamplingRow:
+        return SamplingRow(st.params, st.seed, position, st.num_prompt_tokens, history, st.stop_ids)
+
+    # ----- the step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        for rid in so.finished_request_ids + so.preempted_request_ids:
+            self.states.pop(rid, None)
+        res = RunnerOutput()
+        if not so.requests:
+            return res
+        spans, ids, rows = [], [], []   # rows: flat indices whose logits we need
+        prompt_jobs = []                 # (request, state, first logits row, target token ids)
+        sample_jobs = []                 # (request, state, first logits row)
+        off = 0
+        for s in so.requests:
+            st = self._state(s)
+            T = len(s.token_ids)
+            spans.append(SeqSpan(s.start_pos, T, s.block_ids))
+            ids.extend(s.token_ids)
+            if s.sampling_params.prompt_logprobs is not None:
+                end = min(s.start_pos + T, st.num_prompt_tokens - 1)  # last prompt token reported
+                if end > s.start_pos:
+                    prompt_jobs.append((s, len(rows), st.token_ids[s.start_pos + 1:end + 1]))
+                    rows.extend(range(off, off + end - s.start_pos))
+            if s.sample:
+                k = len(s.spec_token_ids)
+                sample_jobs.append((s, st, len(rows)))
+                rows.extend(range(off + T - 1 - k, off + T))
+            off += T
+        plan = StepPlan(spans, self.block_size, self.device, max_batched_query=self.max_batched_query)
+        if plan.max_position >= self.max_model_len:
+            raise RuntimeError(f"position {plan.max_position} >= max_model_len {self.max_model_len}")
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        logits_indices = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        logits = self.model(input_ids[None], kv_cache=PagedStep(self.pool, plan, logits_indices))[0]  # (L, V)
+        if self.vocab_limit is not None:
+            logits[:, self.vocab_limit:] = float("-inf")
+        if self.proposer is not None:
+            self.proposer.mirror(input_ids, plan)
+
+        for s, first, targets in prompt_jobs:
+            n = len(targets)
+            res.prompt_logprobs[s.request_id] = token_logprobs(
+                logits[first:first + n], targets, [s.sampling_params.prompt_logprobs] * n)
+        plain = [j for j in sample_jobs if not j[0].spec_token_ids]
+        spec = [j for j in sample_jobs if j[0].spec_token_ids]
+        if plain:
+            self._sample_plain(plain, logits, res)
+        if spec:
+            self._verify(spec, logits, res)
+        if self.proposer is not None:
+            self._propose(sample_jobs, res)
+        return res
+
+    def _sample_plain(self, jobs, logits: torch.Tensor, res: RunnerOutput) -> None:
+        batch_rows, idx = [], []
+        for _, st, first in jobs:
+            batch_rows.append(self._row(st, len(st.token_ids), st.token_ids))
+            idx.append(first)
+        sel = logits[idx]
+        toks = sample(sel, SamplingBatch(batch_rows, self.vocab_size, self.device)).tolist()
+        lp_jobs = []
+        for (s, st, _), tok, i in zip(jobs, toks, range(len(jobs))):
+            res.sampled_token_ids[s.request_id] = [tok]
+            st.token_ids.append(tok)
+            st.draft_probs = None
+            if st.params.logprobs is not None:
+                lp_jobs.append((s.request_id, i, tok, st.params.logprobs))
+        self._logprobs(lp_jobs, sel, res)
+
+    def _verify(self, jobs, logits: torch.Tensor, res: RunnerOutput) -> None:
+        K = max(len(s.spec_token_ids) for s, _, _ in jobs)
+        batch_rows, idx = [], []
+        for s, st, first in jobs:
+            drafts = s.spec_token_ids
+            L = len(st.token_ids)  # position of the first draft
+            for i in range(K + 1):
+                j = min(i, len(drafts))  # padding rows repeat the last real one
+                batch_rows.append(self._row(st, L + j, st.token_ids + drafts[:j]))
+                idx.append(first + j)
+        sel = logits[idx]                                                # (R * (K+1), V)
+        batch = SamplingBatch(batch_rows, self.vocab_size, self.device)
+        R = len(jobs)
+        target = target_probs(sel, batch).view(R, K + 1, -1)
+        draft_ids = torch.tensor([s.spec_token_ids + [0] * (K - len(s.spec_token_ids)) for s, _, _ in jobs],
+                                 dtype=torch.long, device=self.device)
+        q = None
+        if isinstance(self.proposer, DraftModelProposer):
+            q = torch.zeros(R, K, self.vocab_size, device=self.device)
+            for r, (s, st, _) in enumerate(jobs):
+                k = len(s.spec_token_ids)
+                q[r, :k] = st.draft_probs[:k]
+        out = rejection_sample(target, draft_ids, q, [len(s.spec_token_ids) for s, _, _ in jobs],
+                               [st.seed for _, st, _ in jobs], [len(st.token_ids) for _, st, _ in jobs],
+                               greedy=[st.params.is_greedy for _, st, _ in jobs])
+        lp_jobs = []
+        for r, ((s, st, _), toks) in enumerate(zip(jobs, out)):
+            res.sampled_token_ids[s.request_id] = toks
+            st.token_ids.extend(toks)
+            st.draft_probs = None
+            if st.params.logprobs is not None:
+                lp_jobs.extend((s.request_id, r * (K + 1) + i, t, st.params.logprobs) for i, t in enumerate(toks))
+        self._logprobs(lp_jobs, sel, res)
+
+    def _logprobs(self, jobs, sel: torch.Tensor, res: RunnerOutput) -> None:
+        """jobs: (request id, row of sel, sampled token, number of top logprobs)."""
+        if not jobs:
+            return
+        entries = token_logprobs(sel[[j[1] for j in jobs]], [j[2] for j in jobs], [j[3] for j in jobs])
+        for (rid, *_), entry in zip(jobs, entries):
+            res.logprobs.setdefault(rid, []).append(entry)
+
+    def _propose(self, jobs, res: RunnerOutput) -> None:
+        items, states = [], []
+        for s, st, _ in jobs:
+            room = st.max_tokens - (len(st.token_ids) - st.num_prompt_tokens) - 1
+            room = min(room, self.max_model_len - len(st.token_ids))
+            if room <= 0 or st.token_ids[-1] in st.stop_ids:
+                continue  # finished (or about to be): drafts would be thrown away
+            items.append(DraftInput(s.request_id, st.token_ids, room, st.params, st.seed,
+                                    st.num_prompt_tokens, s.block_ids, st.stop_ids))
+            states.append(st)
+        for it, st, (drafts, q) in zip(items, states, self.proposer.propose(items)):
+            if drafts:
+                res.spec_token_ids[it.request_id] = drafts
+                st.draft_probs = q

@@ -12,12 +12,12 @@ echo "== 1. MFU, ~350M llama+muon: plain+compile vs FSDP2(ws=1)+compile (seq 204
 timeout 200 python3 bench/mfu.py --config llama+muon --compile --fsdp --depth 24 --d-model 1024 --seq-len 2048 \
   --batch-size 8 --steps 8 --warmup 3 --json-out "$OUT/mfu_llama.json" 2>&1 | grep -v Warning | tee "$OUT/mfu_llama.txt"
 echo "== 2. MFU, the gpt2+adamw baseline of the same shape"
-timeout 100 python3 bench/mfu.py --config gpt2+adamw --compile --depth 24 --d-model 1024 --seq-len 2048 \
+timeout 90 python3 bench/mfu.py --config gpt2+adamw --compile --depth 24 --d-model 1024 --seq-len 2048 \
   --batch-size 8 --steps 8 --warmup 3 --json-out "$OUT/mfu_gpt2.json" 2>&1 | grep -v Warning | tee "$OUT/mfu_gpt2.txt"
 echo "== 3. CUDA-only tests (pinned-memory loader, bf16 Muon)"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_optim.py -k cuda 2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
+timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_optim.py -k cuda 2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
 if [ -f bench/engine.py ]; then
   echo "== 4. engine throughput on the GPU (bf16)"
-  timeout 120 python3 bench/engine.py --device cuda 2>&1 | grep -v Warning | tee "$OUT/engine.txt"
+  timeout 90 python3 bench/engine.py --device cuda 2>&1 | grep -v Warning | tee "$OUT/engine.txt"
 fi
 echo "== done"

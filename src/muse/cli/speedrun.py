@@ -21,7 +21,7 @@ EXAMPLES = """examples:
 """
 
 # The CPU preset: a 4-layer, 256-wide Llama (~3M params + embeddings) trained with Muon for 320 steps of
-# 4,096 tokens (~1.3M tokens, about one epoch of the plays), measured at ~6 minutes on 2 cores.
+# 4,096 tokens (~1.3M tokens, about one epoch of the plays): 404 s end to end on 2 cores (BENCHMARKS.md).
 PRESET = {"depth": 4, "seq_len": 256, "batch_size": 16, "max_steps": 320, "eval_every": 80, "save_every": 80,
           "eval_batches": 16, "log_every": 10}
 PROMPTS = ["ROMEO:\n", "First Witch:\n", "KING HENRY V:\nOnce more unto the breach"]

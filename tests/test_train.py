@@ -73,8 +73,12 @@ def test_resume_after_sigkill_is_bit_identical(tiny_run, tmp_path):
 
 def test_golden_loss_curve(tiny_run):
     """30 steps of a tiny config against the committed curve (MUSE_UPDATE_GOLDEN=1 rewrites it)."""
-    torch.set_num_threads(1)
-    assert main(["train", str(tiny_run), *TINY, "--max-steps", "30", "--save-every", "0"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the committed curve was made with one thread; restore after
+    try:
+        assert main(["train", str(tiny_run), *TINY, "--max-steps", "30", "--save-every", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     losses = [v for _, v in sorted(_losses(tiny_run).items())]
     assert len(losses) == 30
     if os.environ.get("MUSE_UPDATE_GOLDEN") or not GOLDEN.exists():

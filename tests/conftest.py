@@ -27,6 +27,18 @@ def make_corpus(dirpath, n_docs: int = 12, words_per_doc: int = 400, seed: int =
     return dirpath
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and lose a lot on a loaded machine. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_run_template(tmp_path_factory):
     """A run directory with data/ prepared from a tiny corpus (vocab 320). Copy it; don't write into it."""

@@ -24,13 +24,7 @@ from muse.infer.sampling_params import SamplingParams
 V = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and lose a lot on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_probs(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:

@@ -17,13 +17,7 @@ from muse.model import ModelConfig, build_model
 V = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and lose a lot on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 N = 20_000
 # chi-square with 7 degrees of freedom: P(chi2 > 29) ~ 1e-4. Keys are fixed, so each test is
 # deterministic: it passes or fails the same way every run.

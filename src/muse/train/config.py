@@ -174,13 +174,14 @@ def validate(cfg: TrainConfig) -> None:
     cfg.parallel = ParallelConfig(**dataclasses.asdict(cfg.parallel))  # re-validate after overrides
 
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+def model_config(cfg: TrainConfig, vocab_size: int, init_ckpt: Path | None = None) -> ModelConfig:
     """The model's shape: `depth` derives the rest; `cfg.model` overrides any field. With `init_from`, the
-    checkpoint's config is the shape (`cfg.model` may still change max_seq_len, which has no weights)."""
+    checkpoint's config is the shape (`cfg.model` may still change max_seq_len, which has no weights);
+    `init_ckpt` is that checkpoint already resolved, so callers that hold it need not verify it again."""
     if cfg.init_from:
         from muse.checkpoint import read_config, resolve_checkpoint
 
-        ckpt = resolve_checkpoint(cfg.init_from, stages=("base",))
+        ckpt = init_ckpt or resolve_checkpoint(cfg.init_from, stages=("base",))
         saved = read_config(ckpt)
         extra = {k: v for k, v in cfg.model.items() if saved.get(k) != v}
         if set(extra) - {"max_seq_len"}:

@@ -104,13 +104,15 @@ class Trainer:
         self.data_dir = self.run_dir / "data"
         if not (self.data_dir / "meta.json").exists():
             raise DataError(f"no prepared data in {self.data_dir}; run `muse prepare --out {self.run_dir}` first")
+        # Resolved (every file hashed against its manifest) once, here; the shape and weights come from it.
+        self.init_ckpt = resolve_checkpoint(cfg.init_from, stages=("base",)) if cfg.init_from else None
 
     # ---------------------------------------------------------------- setup
     def check(self, world_size: int | None = None) -> None:
         """Fail fast, before any process starts, on settings that cannot run on `world_size` processes."""
         cfg = self.cfg
         world = world_size or dist.world_size()
-        model_cfg = model_config(cfg, Tokenizer.from_file(self.data_dir / "tokenizer.json").vocab_size)
+        model_cfg = model_config(cfg, Tokenizer.from_file(self.data_dir / "tokenizer.json").vocab_size, self.init_ckpt)
         _, tp = dmesh.resolve_mesh_shape(world, cfg.parallel.dp, cfg.parallel.tp)
         check_supported(cfg.parallel, model_cfg, tp=tp, seq_len=cfg.seq_len)
         if world > 1:
@@ -128,7 +130,7 @@ class Trainer:
             else contextlib.nullcontext()
         )
         self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
-        self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
+        self.model_cfg = model_config(cfg, self.tokenizer.vocab_size, self.init_ckpt)
         if cfg.seq_len > self.model_cfg.max_seq_len:
             raise ConfigError(
                 f"seq_len {cfg.seq_len} is beyond what the model supports (max_seq_len {self.model_cfg.max_seq_len}); "
@@ -194,10 +196,9 @@ class Trainer:
         """Parallelize the model (weights of a single-device checkpoint go in first) and build the optimizer."""
         if ckpt is not None and not sharded.is_sharded(ckpt):
             self.plain.load_state_dict(load_model_state(ckpt))
-        elif ckpt is None and self.cfg.init_from:  # continued pretraining: weights only, a fresh optimizer
-            init = resolve_checkpoint(self.cfg.init_from, stages=("base",))
-            self.plain.load_state_dict(load_model_state(init))
-            log.info("initialised the weights from %s", init)
+        elif ckpt is None and self.init_ckpt is not None:  # continued pretraining: weights, a fresh optimizer
+            self.plain.load_state_dict(load_model_state(self.init_ckpt, verify=False))  # verified in __init__
+            log.info("initialised the weights from %s", self.init_ckpt)
         self.model = parallelize(self.plain, self.mesh, self.cfg.parallel, policy=self.policy, device=self.device)
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
 

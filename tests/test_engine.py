@@ -343,20 +343,35 @@ def test_engine_client_streams_and_aborts(model, workload):
         assert len(seen[-1].outputs[0].token_ids) < 100
         assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
 
-        # a consumer that walks away aborts its request
-        stream = client.add_request(prompts[1], SamplingParams(max_tokens=100, ignore_eos=True), "walk")
-        async for _ in stream:
+        # a consumer that walks away aborts its request; on_finish still gets every generated token
+        finals = []
+        stream = client.add_request(prompts[1], SamplingParams(max_tokens=100, ignore_eos=True), "walk",
+                                    on_finish=finals.append)
+        async for first in stream:
             break
         await stream.aclose()
         for _ in range(200):
-            if not engine.has_unfinished_requests():
+            if not engine.has_unfinished_requests() and finals:
                 break
             await asyncio.sleep(0.005)
         assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
+        assert len(finals) == 1 and finals[0].finished and finals[0].outputs[0].finish_reason == "abort"
+        assert finals[0].outputs[0].token_ids[:len(first.token_ids)] == first.token_ids
+        assert len(finals[0].outputs[0].token_ids) < 100
 
+        # on_finish of a finished request: once, with the final output; not for a refused request
+        done = []
+        async for out in client.add_request(prompts[3], SamplingParams(max_tokens=4, ignore_eos=True),
+                                            on_finish=done.append):
+            pass
+        assert len(done) == 1 and done[0].outputs[0].token_ids == out.outputs[0].token_ids
+        assert done[0].outputs[0].finish_reason == "length"
+
+        refused = []
         with pytest.raises(UsageError, match="max length"):
-            async for _ in client.add_request([1] * 200, SamplingParams()):
+            async for _ in client.add_request([1] * 200, SamplingParams(), on_finish=refused.append):
                 pass
+        assert refused == []
         stats = client.stats()
         assert stats.num_requests_finished >= 10 and stats.num_generation_tokens > 0
         json.dumps(stats.as_dict())
@@ -365,9 +380,11 @@ def test_engine_client_streams_and_aborts(model, workload):
         def boom(so):
             raise RuntimeError("device lost")
         engine.runner.execute = boom
+        died = []
         with pytest.raises(EngineDeadError):
-            async for _ in client.add_request(prompts[2], SamplingParams(max_tokens=5)):
+            async for _ in client.add_request(prompts[2], SamplingParams(max_tokens=5), on_finish=died.append):
                 pass
+        assert len(died) == 1 and isinstance(died[0], EngineDeadError)
         assert client.dead and not client.is_healthy
         with pytest.raises(EngineDeadError):
             async for _ in client.add_request(prompts[2], SamplingParams(max_tokens=5)):

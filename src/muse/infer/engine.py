@@ -25,7 +25,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -376,6 +376,7 @@ class EngineClient:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._on_finish: dict[str, Callable] = {}   # engine thread only
         self._lock = threading.Lock()
         self._stop = False
         self.error: BaseException | None = None
@@ -400,10 +401,17 @@ class EngineClient:
 
     # ----- requests -----------------------------------------------------------------------------------
     async def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                          request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                          request_id: str | None = None, *,
+                          on_finish: Callable[[RequestOutput | BaseException], None] | None = None,
+                          ) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs until the request finishes (the last one has finished=True).
 
         UsageError / ResourceError (bad prompt, too long) are raised by the first iteration.
+
+        `on_finish`, once the engine accepted the request, is called exactly once on the engine thread
+        with the request's final RequestOutput (finish reasons "stop", "length" or "abort", every token
+        it generated) or with the exception that ended the engine - also when the stream's consumer
+        went away first. Usage ledgers hang on it; keep it short and thread-safe.
         """
         if self.dead:
             raise EngineDeadError(f"the engine stopped after an error: {self.error!r}")
@@ -416,7 +424,7 @@ class EngineClient:
                 raise UsageError(f"request id {rid} is already streaming; ids must be unique")
             self._streams[rid] = (asyncio.get_running_loop(), q)
         ack: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(("add", rid, list(prompt_token_ids), params, ack))
+        self._send(("add", rid, list(prompt_token_ids), params, ack, on_finish))
         finished = False
         try:
             await asyncio.wrap_future(ack)
@@ -460,6 +468,14 @@ class EngineClient:
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 
+    def _finished(self, rid: str, result) -> None:
+        cb = self._on_finish.pop(rid, None)
+        if cb is not None:
+            try:
+                cb(result)
+            except Exception:  # a broken callback must not take the engine down
+                log.exception("on_finish callback of request %s failed", rid)
+
     def _apply_commands(self) -> None:
         while True:
             try:
@@ -467,12 +483,14 @@ class EngineClient:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt, params, ack = cmd
+                _, rid, prompt, params, ack, on_finish = cmd
                 try:
                     self.engine.add_request(rid, prompt, params)
                 except Exception as e:  # a user error: that request fails, the engine goes on
                     ack.set_exception(e)
                 else:
+                    if on_finish is not None:
+                        self._on_finish[rid] = on_finish
                     ack.set_result(None)
             elif cmd[0] == "abort":
                 self.engine.abort(cmd[1])
@@ -489,6 +507,8 @@ class EngineClient:
                 outs = self.engine.step()
                 self._stats = self.engine.stats()
                 for out in outs:
+                    if out.finished:
+                        self._finished(out.request_id, out)
                     self._deliver(out.request_id, out)
         except BaseException as e:  # a bug or an accelerator failure: fail loudly, refuse new work
             log.exception("engine loop crashed")
@@ -498,6 +518,8 @@ class EngineClient:
             rids = list(self._streams)
         for rid in rids:
             self._deliver(rid, err)
+        for rid in list(self._on_finish):
+            self._finished(rid, err)
         # requests still queued in _cmds: fail their acknowledgements
         while True:
             try:

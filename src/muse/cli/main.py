@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("muse.cli.generate", "offline batch generation: prompts.jsonl -> out.jsonl"),
     "export": ("muse.cli.export", "export a checkpoint to the Hugging Face Llama format"),
     "import": ("muse.cli.hf_import", "import a Hugging Face Llama-architecture model as a Muse checkpoint"),
+    "serve": ("muse.cli.serve", "serve checkpoints over an OpenAI-compatible API with keys and limits"),
+    "keys": ("muse.cli.keys", "create, list, revoke and rotate API keys for `muse serve`"),
+    "usage": ("muse.cli.usage", "the usage ledger of `muse serve`: per partner, or one row per request"),
     "speedrun": ("muse.cli.speedrun", "the whole pipeline on the embedded corpus, with a report"),
 }
 

@@ -408,20 +408,27 @@ class EngineClient:
 
         UsageError / ResourceError (bad prompt, too long) are raised by the first iteration.
 
-        `on_finish`, once the engine accepted the request, is called exactly once on the engine thread
-        with the request's final RequestOutput (finish reasons "stop", "length" or "abort", every token
-        it generated) or with the exception that ended the engine - also when the stream's consumer
-        went away first. Usage ledgers hang on it; keep it short and thread-safe.
+        `on_finish` is called exactly once per stream that was iterated at all: with the request's
+        final RequestOutput (finish reasons "stop", "length" or "abort"; every token it generated),
+        also when the stream's consumer went away first; or with the exception that kept the request
+        from running (refused at admission, a dead engine). Usage ledgers hang on it. It runs on the
+        engine thread (or the caller's, for errors raised before the hand-over); keep it short and
+        thread-safe.
         """
+        def refuse(e: BaseException):
+            if on_finish is not None:
+                on_finish(e)
+            return e
+
         if self.dead:
-            raise EngineDeadError(f"the engine stopped after an error: {self.error!r}")
+            raise refuse(EngineDeadError(f"the engine stopped after an error: {self.error!r}"))
         if self._stop:
-            raise EngineDeadError("the engine client was shut down")
+            raise refuse(EngineDeadError("the engine client was shut down"))
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if rid in self._streams:
-                raise UsageError(f"request id {rid} is already streaming; ids must be unique")
+                raise refuse(UsageError(f"request id {rid} is already streaming; ids must be unique"))
             self._streams[rid] = (asyncio.get_running_loop(), q)
         ack: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("add", rid, list(prompt_token_ids), params, ack, on_finish))
@@ -487,6 +494,9 @@ class EngineClient:
                 try:
                     self.engine.add_request(rid, prompt, params)
                 except Exception as e:  # a user error: that request fails, the engine goes on
+                    if on_finish is not None:  # before the ack: the caller may look the moment it wakes
+                        self._on_finish[rid] = on_finish
+                        self._finished(rid, e)
                     ack.set_exception(e)
                 else:
                     if on_finish is not None:
@@ -516,10 +526,10 @@ class EngineClient:
         err = EngineDeadError(f"the engine stopped: {self.error!r}" if self.error else "the engine was shut down")
         with self._lock:
             rids = list(self._streams)
+        for rid in list(self._on_finish):  # before the streams hear of it, as for finished requests
+            self._finished(rid, err)
         for rid in rids:
             self._deliver(rid, err)
-        for rid in list(self._on_finish):
-            self._finished(rid, err)
         # requests still queued in _cmds: fail their acknowledgements
         while True:
             try:
@@ -527,4 +537,7 @@ class EngineClient:
             except queue.Empty:
                 break
             if cmd[0] == "add" and not cmd[4].done():
+                if cmd[5] is not None:
+                    self._on_finish[cmd[1]] = cmd[5]
+                    self._finished(cmd[1], err)
                 cmd[4].set_exception(err)

@@ -1,0 +1,139 @@
+"""Serve checkpoints over an OpenAI-compatible HTTP API, for partners holding API keys.
+
+Every route except /health needs a key made with `muse keys create`; /metrics and /admin/* need the
+admin key (MUSE_ADMIN_KEY, or --admin-key-file). Each request is checked against its key's models,
+rate limits and token quota and leaves exactly one row in the usage ledger (`muse usage`). On
+SIGTERM or Ctrl-C the server stops admitting, gives running requests --grace seconds, aborts the
+rest and flushes the ledger. Routes and error codes: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+EXAMPLES = """examples:
+  muse keys create --partner acme --rpm 60          # prints a key once
+  muse serve runs/speedrun --port 8000
+  muse serve runs/big --name big --model small=runs/small --max-num-seqs 128
+  curl localhost:8000/v1/chat/completions -H "Authorization: Bearer $KEY" \\
+       -H 'Content-Type: application/json' \\
+       -d '{"model": "speedrun", "messages": [{"role": "user", "content": "Speak, friend."}]}'
+"""
+
+STAGES = ("grpo", "dpo", "sft", "base")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="run, stage or checkpoint directory of the first (default) model")
+    p.add_argument("--name", help="its model name in the API (default: the run directory's name)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
+                   help="serve another model under NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to listen on every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", metavar="PATH", help="keys and ledger (default $MUSE_SERVE_DB, else "
+                                                "$MUSE_HOME/serve.sqlite3)")
+    p.add_argument("--admin-key-file", metavar="PATH",
+                   help="file holding the admin key (default: the MUSE_ADMIN_KEY environment variable)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps, auto (default)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences each engine generates at once")
+    p.add_argument("--max-model-len", type=int, help="context per request (default: the model's)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-tokens", type=int, help="cap on a request's max_tokens (default: the context)")
+    p.add_argument("--max-n", type=int, default=16, help="cap on n")
+    p.add_argument("--max-logprobs", type=int, default=20, help="cap on logprobs / top_logprobs")
+    p.add_argument("--max-running", type=int, default=256, help="HTTP requests generating at once")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests queued for admission beyond --max-running; more get 503")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get at shutdown")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _admin_key(args) -> str | None:
+    from muse.common.errors import UsageError
+
+    if args.admin_key_file:
+        path = Path(args.admin_key_file)
+        if not path.is_file():
+            raise UsageError(f"--admin-key-file {path} does not exist")
+        key = path.read_text().strip()
+    else:
+        key = os.environ.get("MUSE_ADMIN_KEY", "").strip() or None
+    if key is not None and len(key) < 24:
+        raise UsageError("the admin key is shorter than 24 characters; use a long random one "
+                         "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return key
+
+
+def _models(args) -> list[tuple[str, str]]:
+    from muse.common.errors import UsageError
+
+    first = Path(args.checkpoint)
+    pairs = [(args.name or first.resolve().name, args.checkpoint)]
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--model {spec!r}: expected NAME=CHECKPOINT")
+        pairs.append((name, path))
+    names = [n for n, _ in pairs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UsageError(f"two models are named {dup!r}; give each a distinct --name / NAME=")
+    return pairs
+
+
+def run(args) -> int:
+    from muse.common.errors import UsageError
+
+    for flag in ("max_num_seqs", "max_body_bytes", "max_n", "max_running", "port"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_waiting < 0 or args.max_logprobs < 0 or args.grace < 0:
+        raise UsageError("--max-waiting, --max-logprobs and --grace must be >= 0")
+    admin_key = _admin_key(args)
+    pairs = _models(args)
+
+    import uvicorn
+
+    from muse.common.device import pick_device
+    from muse.common.logging import get_logger
+    from muse.infer.engine import Engine, EngineConfig
+    from muse.server.app import ServedModel, ServerConfig, create_app
+    from muse.server.store import Store, default_db_path
+
+    log = get_logger("muse.server")
+    db = Path(args.db) if args.db else default_db_path()
+    store = Store(db)
+    if not store.list_keys():
+        log.warning("no API keys in %s yet: every request will be refused; create one with "
+                    "`muse keys create --partner NAME%s`", db, f" --db {db}" if args.db else "")
+    device = pick_device(args.device)
+    served = []
+    for name, path in pairs:
+        cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+        engine = Engine.from_checkpoint(path, cfg, device=device, stages=STAGES)
+        served.append(ServedModel.from_engine(name, engine))
+        log.info("model %s: %s on %s, context %d, %d KV blocks", name, path, device, engine.max_model_len,
+                 engine.num_blocks)
+    config = ServerConfig(admin_key=admin_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+                          max_n=args.max_n, max_logprobs=args.max_logprobs, max_running=args.max_running,
+                          max_waiting=args.max_waiting, shutdown_grace_s=args.grace)
+    app = create_app(served, store, config)
+
+    class DrainingServer(uvicorn.Server):
+        """On the first SIGTERM/SIGINT, refuse new requests at once (503) while running ones finish."""
+
+        def handle_exit(self, sig, frame):
+            app.state.muse.draining = True
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.grace, access_log=False))
+    log.info("serving %s on http://%s:%d (keys and ledger: %s)", ", ".join(n for n, _ in pairs), args.host,
+             args.port, db)
+    try:
+        server.run()
+    finally:
+        store.close()
+    return 0

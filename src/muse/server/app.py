@@ -1,0 +1,884 @@
+"""The OpenAI-compatible HTTP API: routes, keys, limits, the usage ledger, streaming and shutdown.
+
+    app = create_app([ServedModel.from_engine("muse-base", engine)], Store(path), ServerConfig())
+    uvicorn.run(app)                 # `muse serve` does this, with graceful SIGTERM handling
+
+The app depends on `EngineClient`s, never on models. One HTTP request is one `Job`: it is checked
+(key, body, model access, context length), then passes the gates in a fixed order - rate limits
+(requests and tokens per minute, reserving prompt + max_tokens * n), the token quota (reserved, so
+concurrent requests can never overspend), the bounded admission queue - and then runs one engine
+request per choice (prompts x n). Every engine request reports its final output through
+`on_finish` on the engine thread, including when the client went away and the request was aborted,
+so the job's accounting - settling the reservations to what was really generated, the one ledger
+row, the metrics - happens exactly once, whatever path the request took. Streams are fed by a task
+the job owns, not by the response body, so a client that never reads a byte still gets its work
+accounted for.
+
+Error contract: every failure is `{"error": {"message", "type", "param", "code"}}` with OpenAI's
+status codes (see docs/serving.md); nothing a client sends produces a 500 or a 422, and no message
+echoes any part of an API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from muse.common.errors import MuseError, ResourceError, UsageError
+from muse.common.logging import get_logger
+from muse.infer.engine import Engine, EngineClient, EngineDeadError, RequestOutput
+from muse.infer.sampler import TokenLogprob
+from muse.infer.sampling_params import SamplingParams
+from muse.server import keys as keyfmt
+from muse.server.limits import AdmissionQueue, LimitError, QuotaManager, RateLimiter
+from muse.server.metrics import CONTENT_TYPE, ServerMetrics
+from muse.server.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    invalid,
+)
+from muse.server.store import ApiKey, AuthError, Store, UsageRecord
+from muse.server.text import TextStream, encode_prompt, token_text
+from muse.tokenizer import Tokenizer, render_prompt
+from muse.tokenizer.special import END_ID, EOT, EOT_ID, PAD, SPECIAL_IDS
+
+log = get_logger("muse.server")
+
+
+@dataclass
+class ServerConfig:
+    """Server limits; `muse serve` flags map onto these one to one."""
+
+    admin_key: str | None = None        # for /admin/* and /metrics; None: those routes are closed
+    max_body_bytes: int = 1 << 20       # 413 above this
+    max_tokens: int | None = None       # cap on a request's max_tokens (None: the model's context)
+    max_n: int = 16
+    max_logprobs: int = 20
+    max_running: int = 256              # HTTP requests generating at once (over all models)
+    max_waiting: int = 1024             # more waiting than this: 503
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass
+class ServedModel:
+    name: str
+    client: EngineClient
+    tokenizer: Tokenizer
+    max_model_len: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def from_engine(cls, name: str, engine: Engine) -> ServedModel:
+        if engine.tokenizer is None:
+            raise UsageError(f"model {name}: serving needs a tokenizer; the checkpoint has none")
+        return cls(name, EngineClient(engine), engine.tokenizer, engine.max_model_len)
+
+
+# ---- responses ----------------------------------------------------------------------------------------
+
+
+def error_response(e: ApiError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {**(extra_headers or {}), **e.headers}
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _limit_error(e: LimitError) -> ApiError:
+    return ApiError(e.status_code, str(e), type=e.error_type, code=e.code, headers=e.headers)
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    err = e.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "constrained-"))]
+    # pydantic names union branches in the location ("str", "list[str]"); the client's field is what matters
+    loc = [p for p in loc if p not in ("str", "int", "list[str]", "list[ContentPart]", "bool", "float")]
+    param = ".".join(loc) if loc else None
+    if err.get("type") == "extra_forbidden":
+        return invalid(f"Unrecognized request argument supplied: {param}", param)
+    if err.get("type") == "missing":
+        return invalid(f"Missing required parameter: '{param}'.", param)
+    msg = err.get("msg", "invalid value")
+    return invalid(f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.", param)
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+# ---- one HTTP request's generation --------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One engine request: a prompt and one of its n samples."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    text: TextStream
+    rid: str = ""
+    started: bool = False
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stopped_by_string: bool = False
+    cached_tokens: int = 0
+
+
+class Job:
+    """One generation request from admission to its ledger row. See the module docstring."""
+
+    def __init__(self, state: AppState, *, key: ApiKey, model: ServedModel, endpoint: str, request_id: str,
+                 choices: list[Choice], num_prompt_tokens: int, grant, reservation, arrived: float,
+                 arrived_wall: float):
+        self.state, self.key, self.model, self.endpoint = state, key, model, endpoint
+        self.request_id, self.choices = request_id, choices
+        self.num_prompt_tokens = num_prompt_tokens
+        self.grant, self.reservation = grant, reservation
+        self.arrived, self.arrived_wall = arrived, arrived_wall
+        self.events: asyncio.Queue = asyncio.Queue()    # (choice, delta_text, new_ids, logprobs) | Exception | None
+        self.ttft: float | None = None
+        self.error: BaseException | None = None
+        self.client_gone = False
+        self._lock = threading.Lock()
+        self._finals: dict[int, object] = {}             # choice index -> RequestOutput | exception
+        self._sealed = False
+        self._accounted = False
+        self.task: asyncio.Task | None = None
+        self.done = asyncio.Event()
+        self.usage: dict | None = None                   # set by the accounting, for the response
+        self.loop = asyncio.get_running_loop()
+
+    # -- accounting (any thread) --
+    def _on_finish(self, index: int):
+        def cb(result) -> None:
+            with self._lock:
+                self._finals[index] = result
+            self._maybe_account()
+        return cb
+
+    def seal(self) -> None:
+        """No more engine requests will start; account once the started ones have finished."""
+        with self._lock:
+            self._sealed = True
+        self._maybe_account()
+
+    def _maybe_account(self) -> None:
+        with self._lock:
+            if self._accounted or not self._sealed:
+                return
+            if any(c.started and c.index not in self._finals for c in self.choices):
+                return
+            self._accounted = True
+            finals = dict(self._finals)
+        try:
+            self._account(finals)
+        except Exception:  # accounting must never take a request (or the engine thread) down
+            log.exception("accounting of request %s failed", self.request_id)
+
+    def _account(self, finals: dict) -> None:
+        # Tokens the engine computed are what is billed: a stop string cuts the text, not the bill
+        # for the (at most one step of) tokens generated before the engine heard of it.
+        completion = cached = 0
+        errors = []
+        for out in finals.values():
+            if isinstance(out, RequestOutput):
+                completion += sum(len(c.token_ids) for c in out.outputs)
+                cached += out.num_cached_tokens
+            else:
+                errors.append(out)
+        ran = [out for out in finals.values() if isinstance(out, RequestOutput)]
+        prompt = self.num_prompt_tokens if ran else 0
+        total = prompt + completion
+        self.usage = _usage(prompt, completion, cached)
+        self.grant.settle(total)
+        if self.reservation is not None:
+            self.reservation.settle(total)
+        err = self.error or (errors[0] if errors else None)
+        if err is not None:
+            status = "error"
+            http_status = (err.status if isinstance(err, ApiError) else 503 if isinstance(err, EngineDeadError)
+                           else 400 if isinstance(err, MuseError) else 500)
+        elif self.client_gone or any(c.finish_reason == "abort" for c in self.choices):
+            status, http_status = "aborted", 200
+        else:
+            status, http_status = "ok", 200
+        finish = next((c.finish_reason for c in self.choices if c.finish_reason), None)
+        now = time.monotonic()
+        self.state.store.record(UsageRecord(
+            request_id=self.request_id, key_id=self.key.key_id, partner=self.key.partner, model=self.model.name,
+            endpoint=self.endpoint, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+            status=status, http_status=http_status, finish_reason=finish, created_at=self.arrived_wall,
+            latency_s=now - self.arrived, ttft_s=self.ttft))
+        m = self.state.metrics
+        m.prompt_tokens.labels(self.model.name).inc(prompt)
+        m.completion_tokens.labels(self.model.name).inc(completion)
+        m.latency.labels(self.model.name).observe(now - self.arrived)
+        if self.ttft is not None:
+            m.ttft.labels(self.model.name).observe(self.ttft)
+        self.state.jobs.discard(self)
+        try:
+            self.loop.call_soon_threadsafe(self.done.set)
+        except RuntimeError:  # the event loop is gone (interpreter shutdown): nobody waits
+            pass
+
+    # -- running (event loop) --
+    def start(self) -> None:
+        self.state.jobs.add(self)
+        self.task = asyncio.create_task(self._run(), name=f"job-{self.request_id}")
+        # a streamed job's failure reaches the client as an event; mark it retrieved for asyncio
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _run(self) -> None:
+        tasks = [asyncio.create_task(self._run_choice(c)) for c in self.choices]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException as e:
+            # Stop every sibling before sealing: a choice must not start after the accounting ran.
+            # A cancelled choice's stream aborts its engine request on the way out.
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+            if not isinstance(e, asyncio.CancelledError):
+                self.error = self.error or e
+                self.events.put_nowait(e)
+            raise
+        finally:
+            self.state.admission.release()
+            self.seal()
+            self.events.put_nowait(None)
+
+    async def _run_choice(self, c: Choice) -> None:
+        c.rid = f"{self.request_id}-{c.index}"
+        stream = self.model.client.add_request(c.prompt, c.params, c.rid, on_finish=self._on_finish(c.index))
+        c.started = True  # no await since the stream began: the engine has the request (or refused it)
+        last = time.monotonic()
+        try:
+            async for out in stream:
+                o = out.outputs[0]
+                if out.prompt_logprobs and c.prompt_logprobs is None:
+                    c.prompt_logprobs = list(out.prompt_logprobs)
+                c.cached_tokens = out.num_cached_tokens
+                new = [] if c.stopped_by_string else list(o.new_token_ids)
+                lps = []
+                if new and o.logprobs is not None:
+                    lps = o.logprobs[len(o.logprobs) - len(new):]
+                now = time.monotonic()
+                if new:
+                    if self.ttft is None:
+                        self.ttft = now - self.arrived
+                    else:
+                        self.state.metrics.itl.labels(self.model.name).observe(now - last)
+                    last = now
+                    c.token_ids.extend(new)
+                    c.logprobs.extend(lps)
+                delta = c.text.push(new)
+                if c.text.stopped and not c.stopped_by_string:
+                    c.stopped_by_string = True
+                    self.model.client.abort(c.rid)   # its final output still comes through this stream
+                if out.finished or (c.stopped_by_string and o.finish_reason):
+                    delta += c.text.finish()
+                    c.finish_reason = "stop" if c.stopped_by_string else o.finish_reason
+                await self.events.put((c, delta, new, lps))
+        except (UsageError, ResourceError) as e:
+            raise invalid(str(e), "prompt") from None
+
+    def cancel(self) -> None:
+        """The client went away: abort everything (accounting still happens, as "aborted")."""
+        self.client_gone = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+
+
+class AppState:
+    def __init__(self, models: Sequence[ServedModel], store: Store, config: ServerConfig,
+                 limiter: RateLimiter | None = None, quotas: QuotaManager | None = None):
+        if not models:
+            raise UsageError("serve at least one model")
+        self.models = {m.name: m for m in models}
+        self.default_model = models[0].name
+        self.store, self.config = store, config
+        self.limiter = limiter or RateLimiter()
+        self.quotas = quotas or QuotaManager(store.tokens_used)
+        self.admission = AdmissionQueue(config.max_running, config.max_waiting)
+        self.metrics = ServerMetrics(self.snapshot)
+        self.jobs: set[Job] = set()
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def snapshot(self) -> dict:
+        return {"admission_waiting": self.admission.waiting,
+                "models": {name: m.client.stats().as_dict() for name, m in self.models.items()}}
+
+    @property
+    def healthy(self) -> bool:
+        return not self.draining and all(m.client.is_healthy for m in self.models.values())
+
+
+def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig | None = None, *,
+               limiter: RateLimiter | None = None, quotas: QuotaManager | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    state = AppState(models, store, config, limiter, quotas)
+
+    async def lifespan(app):
+        state.loop = asyncio.get_running_loop()
+        yield
+        await shutdown(state)
+
+    app = FastAPI(title="Muse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.muse = state
+
+    # ---- errors ----
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        state.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        return error_response(e, getattr(request.state, "rl_headers", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            err = ApiError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+        elif e.status_code == 405:
+            err = ApiError(405, f"Method {request.method} is not allowed for {request.url.path}.",
+                           code="method_not_allowed")
+        else:
+            err = ApiError(e.status_code, str(e.detail))
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        state.metrics.requests.labels(request.url.path, "500").inc()
+        return error_response(ApiError(500, "The server had an error while processing your request. The "
+                                       "error was logged; retry, and report it if it persists.",
+                                       type="server_error"))
+
+    # ---- helpers ----
+    def authenticate(request: Request) -> ApiKey:
+        request.state.arrived = time.monotonic()
+        request.state.arrived_wall = time.time()
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if not header or scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "You didn't provide an API key. Send it in the Authorization header: "
+                           "'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key")
+        if not keyfmt.check_format(token):
+            raise ApiError(401, "Incorrect API key provided. Check it for typos; keys start with "
+                           f"'{keyfmt.KEY_PREFIX}'.", code="invalid_api_key")
+        try:
+            key = state.store.authenticate(token)
+        except AuthError as e:
+            reason = {"revoked": "This API key has been revoked.", "expired": "This API key has expired."}
+            raise ApiError(401, reason.get(e.reason, "Incorrect API key provided.") +
+                           " Ask your contact for a new key.", code="invalid_api_key") from None
+        request.state.rl_headers = state.limiter.peek_headers(key)
+        return key
+
+    def require_admin(request: Request) -> None:
+        if not config.admin_key:
+            raise ApiError(403, "Admin routes are disabled: start the server with an admin key "
+                           "(MUSE_ADMIN_KEY or --admin-key-file).", type="permission_error")
+        header = request.headers.get("authorization", "")
+        token = header.partition(" ")[2].strip()
+        if not hmac.compare_digest(token.encode(), config.admin_key.encode()):
+            raise ApiError(401, "This route needs the admin key.", code="invalid_api_key")
+
+    async def read_body(request: Request, model: type[BaseModel]):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            raise ApiError(413, f"Request body of {length} bytes is larger than the limit of "
+                           f"{config.max_body_bytes} bytes.", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise ApiError(413, f"Request body is larger than the limit of {config.max_body_bytes} bytes.",
+                               code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid(f"The request body is not valid JSON ({e.msg if hasattr(e, 'msg') else e}). "
+                          "Send a JSON object with Content-Type: application/json.") from None
+        if not isinstance(data, dict):
+            raise invalid("The request body must be a JSON object.")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    def find_model(key: ApiKey, name: str | None, *, param: str = "model") -> ServedModel:
+        if name is None:
+            name = next((n for n in state.models if key.allows_model(n)), state.default_model)
+        served = state.models.get(name)
+        if served is None:
+            raise ApiError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                           param=param, code="model_not_found")
+        if not key.allows_model(name):
+            raise ApiError(403, f"This API key may not use the model '{name}'. Models it may use: "
+                           f"{', '.join(key.models or ())}.", type="permission_error", param=param,
+                           code="model_not_allowed")
+        return served
+
+    def check_admitting() -> None:
+        if state.draining:
+            raise ApiError(503, "The server is shutting down and admits no new requests; retry shortly.",
+                           type="server_error", code="shutting_down", headers={"retry-after": "5"})
+        for m in state.models.values():
+            if not m.client.is_healthy:
+                raise ApiError(503, f"The model '{m.name}' is unavailable (its engine stopped); the server "
+                               "needs a restart.", type="server_error", code="engine_dead")
+
+    def sampling(body, served: ServedModel, prompt_len: int, *, default_max: int | None,
+                 logprobs: int | None, prompt_logprobs: int | None, extra_stop_ids: Sequence[int] = ()):
+        room = served.max_model_len - prompt_len
+        max_tokens = body.max_tokens if body.max_tokens is not None else getattr(body, "max_completion_tokens", None)
+        param = "max_tokens"
+        if max_tokens is None:
+            max_tokens = default_max if default_max is not None else room
+            if config.max_tokens is not None:
+                max_tokens = min(max_tokens, config.max_tokens)
+        elif config.max_tokens is not None and max_tokens > config.max_tokens:
+            raise invalid(f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens}.", param)
+        if room < 1 or max_tokens > room:
+            raise invalid(f"This model's maximum context length is {served.max_model_len} tokens. However, you "
+                          f"requested {prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, "
+                          f"{max(max_tokens, 1)} in the completion). Please reduce the length of the prompt "
+                          "or the completion.", "messages" if isinstance(body, ChatRequest) else "prompt",
+                          "context_length_exceeded")
+        if body.n > config.max_n:
+            raise invalid(f"n is {body.n}; this server allows at most {config.max_n}.", "n")
+        for name, v in (("logprobs", logprobs), ("logprobs", prompt_logprobs)):
+            if v is not None and v > config.max_logprobs:
+                raise invalid(f"{name} is {v}; this server allows at most {config.max_logprobs}.", name)
+        kw = dict(max_tokens=max_tokens, n=1, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                  stop_token_ids=tuple(body.stop_token_ids or ()) + tuple(extra_stop_ids))
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repetition_penalty", "min_tokens", "ignore_eos", "seed"):
+            v = getattr(body, name)
+            if v is not None:
+                kw[name] = v
+        try:
+            return SamplingParams(**kw)
+        except UsageError as e:
+            raise invalid(str(e).replace("sampling parameter ", ""), None) from None
+
+    async def admit(request: Request, key: ApiKey, served: ServedModel, endpoint: str, prefix: str,
+                    prompts: list[list[int]], params: SamplingParams, n: int, stop: Sequence[str]) -> Job:
+        check_admitting()
+        reserve = sum(len(p) for p in prompts) + params.max_tokens * n * len(prompts)
+        try:
+            grant = state.limiter.acquire(key, reserve)
+        except LimitError as e:
+            raise _limit_error(e) from None
+        request.state.rl_headers = grant.headers
+        reservation = None
+        try:
+            reservation = state.quotas.reserve(key, reserve)
+            await state.admission.acquire()
+        except LimitError as e:
+            grant.settle(0)
+            if reservation is not None:
+                reservation.settle(0)
+            raise _limit_error(e) from None
+        except BaseException:
+            grant.settle(0)
+            if reservation is not None:
+                reservation.settle(0)
+            raise
+        choices = []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                p = params if params.seed is None else _replace_seed(params, params.seed + j)
+                choices.append(Choice(i * n + j, prompt, p, TextStream(served.tokenizer, stop)))
+        job = Job(state, key=key, model=served, endpoint=endpoint, request_id=f"{prefix}-{secrets.token_hex(12)}",
+                  choices=choices, num_prompt_tokens=sum(len(p) for p in prompts), grant=grant,
+                  reservation=reservation, arrived=request.state.arrived, arrived_wall=request.state.arrived_wall)
+        job.start()
+        return job
+
+    def record_rejection(request: Request, key: ApiKey, endpoint: str, model: str, e: ApiError) -> None:
+        """A request refused after authentication still gets its one ledger row (0 tokens)."""
+        state.store.record(UsageRecord(
+            request_id=f"rej-{secrets.token_hex(12)}", key_id=key.key_id, partner=key.partner, model=model,
+            endpoint=endpoint, prompt_tokens=0, completion_tokens=0, cached_tokens=0, status="error",
+            http_status=e.status, finish_reason=None, created_at=request.state.arrived_wall,
+            latency_s=time.monotonic() - request.state.arrived, ttft_s=None))
+
+    def headers_for(request: Request, job: Job | None = None) -> dict[str, str]:
+        h = dict(getattr(request.state, "rl_headers", None) or {})
+        if job is not None:
+            h["x-request-id"] = job.request_id
+        return h
+
+    async def stream_response(request: Request, job: Job, make_chunk, finish_chunk, include_usage: bool,
+                              usage_chunk) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                for c in job.choices:
+                    first = make_chunk(c, None, [], [], first=True)
+                    if first is not None:
+                        yield _sse(first)
+                while True:
+                    item = await job.events.get()
+                    if item is None:
+                        break
+                    if isinstance(item, BaseException):
+                        err = item if isinstance(item, ApiError) else ApiError(
+                            503 if isinstance(item, EngineDeadError) else 500,
+                            f"The request failed while generating: {item}", type="server_error")
+                        yield _sse(err.body())
+                        break
+                    c, delta, new, lps = item
+                    if delta or lps or c.finish_reason:
+                        yield _sse(make_chunk(c, delta, new, lps, first=False))
+                    if c.finish_reason:
+                        yield _sse(finish_chunk(c))
+                await job.done.wait()
+                if include_usage and job.error is None:
+                    yield _sse(usage_chunk(job))
+                yield _DONE
+                state.metrics.requests.labels(request.url.path, "200").inc()
+            finally:
+                if not job.done.is_set():
+                    job.cancel()
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={**headers_for(request, job), "cache-control": "no-cache"})
+
+    async def wait_job(job: Job) -> None:
+        try:
+            await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        except ApiError:
+            raise
+        except EngineDeadError as e:
+            raise ApiError(503, f"The engine stopped while generating: {e}", type="server_error",
+                           code="engine_dead") from None
+        await job.done.wait()
+
+    # ---- routes ----
+    @app.get("/health")
+    async def health():
+        if state.healthy:
+            return {"status": "ok"}
+        why = "shutting down" if state.draining else "an engine stopped"
+        return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        require_admin(request)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    def model_card(m: ServedModel) -> dict:
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "muse",
+                "max_model_len": m.max_model_len}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        key = authenticate(request)
+        data = [model_card(m) for name, m in state.models.items() if key.allows_model(name)]
+        return JSONResponse({"object": "list", "data": data}, headers=headers_for(request))
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        key = authenticate(request)
+        return JSONResponse(model_card(find_model(key, name)), headers=headers_for(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        key = authenticate(request)
+        model_name = "?"
+        try:
+            body: CompletionRequest = await read_body(request, CompletionRequest)
+            model_name = body.model
+            served = find_model(key, body.model)
+            body.unsupported()
+            tok = served.tokenizer
+            prompts = []
+            texts = []
+            for i, p in enumerate(body.prompts()):
+                if isinstance(p, str):
+                    # a text starts after a document boundary, as every training document did
+                    ids = encode_prompt(tok, p)
+                    if ids[:1] != [EOT_ID]:
+                        ids = [EOT_ID, *ids]
+                    texts.append(p)
+                else:
+                    bad = next((t for t in p if not 0 <= t < tok.vocab_size), None)
+                    if bad is not None:
+                        raise invalid(f"prompt {i} holds token id {bad}, outside the vocabulary "
+                                      f"(0..{tok.vocab_size - 1}).", "prompt")
+                    ids = p
+                    texts.append(tok.decode(p))
+                if not ids:
+                    raise invalid(f"prompt {i} is empty; send at least one token.", "prompt")
+                prompts.append(ids)
+            lp = body.logprobs
+            params = sampling(body, served, max(len(p) for p in prompts), default_max=16, logprobs=lp,
+                              prompt_logprobs=lp if body.echo and lp is not None else None)
+            job = await admit(request, key, served, "completions", "cmpl", prompts, params, body.n, body.stop or ())
+        except ApiError as e:
+            if e.status not in (401,):
+                record_rejection(request, key, "completions", model_name, e)
+            raise
+        created = int(time.time())
+
+        def logprobs_obj(c: Choice, tokens: Sequence[int], lps: Sequence[TokenLogprob], echo_prompt: bool,
+                         offset: int):
+            if body.logprobs is None:
+                return None
+            toks, tlp, top, offsets = [], [], [], []
+            pos = offset   # offsets index the returned text, where special tokens take no room
+
+            def width(t: int) -> int:
+                return len(tok.token_bytes(t).decode("utf-8", errors="replace"))
+
+            if echo_prompt:
+                plp = c.prompt_logprobs or []
+                for k, t in enumerate(c.prompt):
+                    toks.append(token_text(tok, t))
+                    offsets.append(pos)
+                    pos += width(t)
+                    if k == 0 or k - 1 >= len(plp):
+                        tlp.append(None)
+                        top.append(None)
+                    else:
+                        tl = plp[k - 1]
+                        tlp.append(tl.logprob)
+                        top.append({token_text(tok, i): lv for i, lv in tl.top})
+            for t, tl in zip(tokens, lps):
+                toks.append(token_text(tok, t))
+                offsets.append(pos)
+                pos += width(t)
+                tlp.append(tl.logprob)
+                top.append({token_text(tok, i): lv for i, lv in tl.top})
+            return {"tokens": toks, "token_logprobs": tlp, "top_logprobs": top, "text_offset": offsets}
+
+        def prompt_text(c: Choice) -> str:
+            return texts[c.index // body.n]
+
+        if body.stream:
+            sent_echo: set[int] = set()
+
+            def make_chunk(c: Choice, delta, new, lps, first):
+                if first:
+                    return None
+                text = delta or ""
+                echo = body.echo and c.index not in sent_echo
+                if echo:
+                    sent_echo.add(c.index)
+                    text = prompt_text(c) + text
+                return {"id": job.request_id, "object": "text_completion", "created": created, "model": served.name,
+                        "choices": [{"index": c.index, "text": text,
+                                     "logprobs": logprobs_obj(c, new, lps, echo, 0),
+                                     "finish_reason": None}]}
+
+            def finish_chunk(c: Choice):
+                return {"id": job.request_id, "object": "text_completion", "created": created, "model": served.name,
+                        "choices": [{"index": c.index, "text": "", "logprobs": None,
+                                     "finish_reason": c.finish_reason}]}
+
+            def usage_chunk(job: Job):
+                return {"id": job.request_id, "object": "text_completion", "created": created, "model": served.name,
+                        "choices": [], "usage": job_usage(job)}
+
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return await stream_response(request, job, make_chunk, finish_chunk, include, usage_chunk)
+
+        await wait_job(job)
+        choices = []
+        for c in job.choices:
+            text = c.text.text
+            if body.echo:
+                text = prompt_text(c) + text
+            choices.append({"index": c.index, "text": text,
+                            "logprobs": logprobs_obj(c, c.token_ids, c.logprobs, body.echo, 0),
+                            "finish_reason": c.finish_reason})
+        state.metrics.requests.labels(request.url.path, "200").inc()
+        return JSONResponse({"id": job.request_id, "object": "text_completion", "created": created,
+                             "model": served.name, "choices": choices, "usage": job_usage(job),
+                             "system_fingerprint": None}, headers=headers_for(request, job))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        key = authenticate(request)
+        model_name = "?"
+        try:
+            body: ChatRequest = await read_body(request, ChatRequest)
+            model_name = body.model
+            served = find_model(key, body.model)
+            body.unsupported()
+            tok = served.tokenizer
+            try:
+                prompt = render_prompt(tok, body.plain_messages())
+            except MuseError as e:
+                raise invalid(str(e), "messages") from None
+            lp = (body.top_logprobs or 0) if body.logprobs else None
+            params = sampling(body, served, len(prompt), default_max=None, logprobs=lp, prompt_logprobs=None,
+                              extra_stop_ids=(END_ID,))
+            job = await admit(request, key, served, "chat.completions", "chatcmpl", [prompt], params, body.n,
+                              body.stop or ())
+        except ApiError as e:
+            if e.status not in (401,):
+                record_rejection(request, key, "chat.completions", model_name, e)
+            raise
+        created = int(time.time())
+
+        def lp_entry(t: int, logprob: float) -> dict:
+            return {"token": token_text(tok, t), "logprob": logprob, "bytes": list(tok.token_bytes(t))}
+
+        def logprobs_obj(tokens: Sequence[int], lps: Sequence[TokenLogprob]):
+            if not body.logprobs:
+                return None
+            content = []
+            for t, tl in zip(tokens, lps):
+                if t == END_ID:    # the turn's end is not content
+                    continue
+                e = lp_entry(t, tl.logprob)
+                e["top_logprobs"] = [lp_entry(i, v) for i, v in tl.top[: body.top_logprobs or 0]]
+                content.append(e)
+            return {"content": content, "refusal": None}
+
+        def chunk(c: Choice, delta: dict, lps_obj, finish):
+            return {"id": job.request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": served.name, "system_fingerprint": None,
+                    "choices": [{"index": c.index, "delta": delta, "logprobs": lps_obj, "finish_reason": finish}]}
+
+        if body.stream:
+            def make_chunk(c: Choice, delta, new, lps, first):
+                if first:
+                    return chunk(c, {"role": "assistant", "content": ""}, None, None)
+                return chunk(c, {"content": delta or ""}, logprobs_obj(new, lps), None)
+
+            def finish_chunk(c: Choice):
+                return chunk(c, {}, None, c.finish_reason)
+
+            def usage_chunk(job: Job):
+                return {"id": job.request_id, "object": "chat.completion.chunk", "created": created,
+                        "model": served.name, "system_fingerprint": None, "choices": [], "usage": job_usage(job)}
+
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return await stream_response(request, job, make_chunk, finish_chunk, include, usage_chunk)
+
+        await wait_job(job)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text, "refusal": None},
+                    "logprobs": logprobs_obj(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
+                   for c in job.choices]
+        state.metrics.requests.labels(request.url.path, "200").inc()
+        return JSONResponse({"id": job.request_id, "object": "chat.completion", "created": created,
+                             "model": served.name, "choices": choices, "usage": job_usage(job),
+                             "system_fingerprint": None}, headers=headers_for(request, job))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        key = authenticate(request)
+        body: TokenizeRequest = await read_body(request, TokenizeRequest)
+        served = find_model(key, body.model)
+        tok = served.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise invalid("send exactly one of prompt or messages", "prompt")
+        if body.prompt is not None:
+            ids = encode_prompt(tok, body.prompt)
+        else:
+            req = ChatRequest(model=served.name, messages=body.messages)
+            try:
+                from muse.tokenizer import render_chat
+                msgs = req.plain_messages()
+                ids = render_prompt(tok, msgs) if body.add_generation_prompt else render_chat(tok, msgs)[0]
+            except MuseError as e:
+                raise invalid(str(e), "messages") from None
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len},
+                            headers=headers_for(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        key = authenticate(request)
+        body: DetokenizeRequest = await read_body(request, DetokenizeRequest)
+        served = find_model(key, body.model)
+        tok = served.tokenizer
+        bad = next((t for t in body.tokens if t >= tok.vocab_size), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary (0..{tok.vocab_size - 1})", "tokens")
+        return JSONResponse({"prompt": tok.decode(body.tokens)}, headers=headers_for(request))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request, model: str | None = None):
+        key = authenticate(request)
+        served = find_model(key, model)
+        return JSONResponse({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT,
+                             "pad_token": PAD, "unk_token": None, "chat_template": served.tokenizer.chat_template,
+                             "model_max_length": served.max_model_len, "vocab_size": served.tokenizer.vocab_size,
+                             "special_tokens": SPECIAL_IDS}, headers=headers_for(request))
+
+    # ---- admin ----
+    @app.get("/admin/keys")
+    async def admin_keys(request: Request, all: bool = False):
+        require_admin(request)
+        return {"object": "list", "data": [k.as_dict() for k in state.store.list_keys(include_revoked=all)]}
+
+    @app.get("/admin/usage")
+    async def admin_usage(request: Request, partner: str | None = None, since: float | None = None):
+        require_admin(request)
+        state.store.flush()
+        return {"object": "list", "data": state.store.usage_summary(partner=partner, since=since)}
+
+    return app
+
+
+def job_usage(job: Job) -> dict:
+    """The usage the ledger recorded (set once the job is accounted; jobs are awaited before this)."""
+    return job.usage or _usage(0, 0, 0)
+
+
+def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, seed=seed)
+
+
+async def shutdown(state: AppState, grace: float | None = None) -> None:
+    """Stop admitting, let running jobs finish for `grace` seconds, abort the rest, flush the ledger."""
+    state.draining = True
+    state.admission.close()
+    grace = state.config.shutdown_grace_s if grace is None else grace
+    jobs = list(state.jobs)
+    if jobs:
+        log.info("shutdown: waiting up to %.0fs for %d running requests", grace, len(jobs))
+        _, pending = await asyncio.wait([asyncio.ensure_future(j.done.wait()) for j in jobs], timeout=grace)
+        if pending:
+            log.warning("shutdown: aborting %d requests still running after the grace period", len(pending))
+            for j in list(state.jobs):
+                j.cancel()
+            await asyncio.wait(pending, timeout=10)
+    for m in state.models.values():
+        await m.client.shutdown()
+    state.store.flush()

@@ -20,7 +20,6 @@ import uvicorn
 
 from muse.infer.engine import Engine, EngineConfig
 from muse.infer.generate import generate
-from muse.infer.sampling_params import SamplingParams
 from muse.model import ModelConfig, build_model
 from muse.server.app import ServedModel, ServerConfig, create_app
 from muse.server.store import Store

@@ -576,6 +576,12 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
         try:
             await asyncio.shield(job.task)
         except asyncio.CancelledError:
+            if job.task.cancelled() and not asyncio.current_task().cancelling():
+                # the job was stopped under us (shutdown after the grace period), not this handler
+                await job.done.wait()
+                raise ApiError(503, "The server shut down before this request finished, so it was aborted; "
+                               "retry it.", type="server_error", code="shutting_down",
+                               headers={"retry-after": "5"}) from None
             job.cancel()
             raise
         except ApiError:

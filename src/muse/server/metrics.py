@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -36,12 +36,20 @@ class _EngineGauges:
         kv = GaugeMetricFamily("muse_kv_cache_usage_ratio", "fraction of KV-cache blocks in use", labels=["model"])
         hit = GaugeMetricFamily("muse_prefix_cache_hit_ratio", "prefix-cache hit tokens / queried tokens",
                                 labels=["model"])
+        free = GaugeMetricFamily("muse_kv_cache_free_blocks", "KV-cache blocks free (cached prefixes included)",
+                                 labels=["model"])
+        prompt = CounterMetricFamily("muse_engine_prompt_tokens", "prompt tokens the engine was given (x n)",
+                                     labels=["model"])
+        gen = CounterMetricFamily("muse_engine_generation_tokens", "tokens the engine generated", labels=["model"])
         for model, s in snap.get("models", {}).items():
             waiting.add_metric([model], s["num_waiting"] + snap.get("admission_waiting", 0))
             running.add_metric([model], s["num_running"])
             kv.add_metric([model], s["kv_usage"])
             hit.add_metric([model], s["prefix_cache_hit_rate"])
-        yield from (waiting, running, kv, hit)
+            free.add_metric([model], s["num_free_blocks"])
+            prompt.add_metric([model], s["num_prompt_tokens"])
+            gen.add_metric([model], s["num_generation_tokens"])
+        yield from (waiting, running, kv, hit, free, prompt, gen)
 
 
 class ServerMetrics:

@@ -19,7 +19,10 @@ def test_speedrun_writes_a_report_and_skips_finished_stages(tmp_path, capsys):
     assert "unigram baseline" in report and "![loss curve](base/loss.png)" in report
     assert (out / "base" / "loss.png").exists()
     assert first["steps"] == 4 and first["unigram_bpb"] > 2 and first["val_bpb"] > 0
-    assert report.count("```") == 6  # three samples
+    assert report.count("```") == 8  # three samples and how to serve it
+    curl = first["serve"][-1]
+    assert curl.startswith("curl ") and "Authorization: Bearer $KEY" in curl and curl in report
+    assert json.loads(curl.split(" -d '")[1].rstrip("'"))["model"] == "sr"   # the name `muse serve` gives it
     mtime = (out / "base" / "latest").resolve().stat().st_mtime
     assert main(["speedrun", "--out", str(out), *TINY, "--json"]) == 0
     second = json.loads(capsys.readouterr().out)

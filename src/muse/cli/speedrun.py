@@ -72,11 +72,25 @@ def run(args) -> int:
     report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data)
     summary = {"report": str(out / "report.md"), **report, "wall_s": round(time.perf_counter() - t0, 1)}
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({**summary, "serve": serve_hint(out)}))
     else:
         print(f"val bits/byte {report['val_bpb']:.3f} (unigram baseline {report['unigram_bpb']:.3f}); "
               f"report: {out / 'report.md'}")
+        print("\nserve it (OpenAI-compatible API; docs/serving.md):")
+        print("\n".join("  " + line for line in serve_hint(out)))
     return 0
+
+
+def serve_hint(out: Path) -> list[str]:
+    """The commands that put this run behind `muse serve`, ending in a ready curl line."""
+    name = out.resolve().name
+    body = json.dumps({"model": name, "prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0.8})
+    return [
+        "KEY=$(muse keys create --partner me)        # prints the key once",
+        f"muse serve {out} --port 8000 &",
+        "curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer $KEY\" "
+        f"-H 'Content-Type: application/json' -d '{body}'",
+    ]
 
 
 def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict) -> dict:
@@ -121,6 +135,7 @@ def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict) ->
     ]
     for s in samples:
         lines += ["```", s.rstrip(), "```", ""]
+    lines += ["## Serve it", "", "```sh", *serve_hint(out), "```", ""]
     lines += ["Rebuild: `muse speedrun` (skips finished stages). Details: base/metrics.jsonl, base/train_config.json, "
               "base/tensorboard/.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))

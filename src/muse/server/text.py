@@ -92,8 +92,17 @@ class TextStream:
             self._check_stop(start)
             if self.stopped:
                 return self._take(len(self._text))
-            return self._take(len(self._text) - self._hold)
+            return self._take(len(self._text) - self._partial_stop())
         return self._take(len(self._text))
+
+    def _partial_stop(self) -> int:
+        """Length of the longest tail of the text that is the beginning of a stop string."""
+        t = self._text
+        for k in range(min(self._hold, len(t)), 0, -1):
+            tail = t[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
 
     def finish(self) -> str:
         """The rest of the text once generation is over (a dangling partial character becomes U+FFFD)."""

@@ -1,0 +1,67 @@
+"""server/text.py: streamed detokenizing and stop strings against the plain full-text reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from muse.server.text import TextStream, encode_prompt, token_text
+from muse.tokenizer import EOT_ID, SPECIAL_IDS, train_bpe
+
+
+@pytest.fixture(scope="module")
+def tok():
+    rng = random.Random(0)
+    words = "the king queen café naïve 王 über love night day — fair speak".split()
+    return train_bpe([" ".join(rng.choice(words) for _ in range(80)) for _ in range(30)], vocab_size=320)
+
+
+def reference(tok, ids, stop):
+    """Decode everything at once, then cut at the earliest stop string."""
+    text = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+    hits = [(text.find(s), s) for s in stop if s and text.find(s) >= 0]
+    if hits:
+        at, _ = min(hits)
+        return text[:at], True
+    return text, False
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_streamed_text_equals_the_reference_whatever_the_chunking(tok, data):
+    text = data.draw(st.text(alphabet="the kingcaféï王ü —\n", min_size=0, max_size=40))
+    ids = tok.encode(text)
+    # a few ids cut multi-byte characters in half when split into single bytes: add raw byte tokens too
+    ids += data.draw(st.lists(st.sampled_from([16 + 0xC3, 16 + 0xA9, 16 + 0xE7, 16 + 0x8E, 16 + 0x8B]), max_size=3))
+    stop = data.draw(st.lists(st.text(alphabet="kingé王 \n", min_size=1, max_size=4), max_size=3))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=6)))
+    ts = TextStream(tok, stop)
+    out, prev = [], 0
+    for c in [*cuts, len(ids)]:
+        out.append(ts.push(ids[prev:c]))
+        prev = c
+    out.append(ts.finish())
+    want, stopped = reference(tok, ids, stop)
+    assert "".join(out) == want and ts.text == want
+    assert ts.stopped == stopped
+
+
+def test_stop_text_is_held_back_until_it_cannot_be_a_stop(tok):
+    ts = TextStream(tok, ["king"])
+    assert ts.push(tok.encode("the ki")) == "the "          # "ki" may become "king"
+    assert ts.push(tok.encode("t")) == "kit"                # it did not
+    assert ts.push(tok.encode(" the king speaks")) == " the " and ts.stopped and ts.stop_string == "king"
+    assert ts.push(tok.encode("more")) == "" and ts.finish() == ""
+    inc = TextStream(tok, ["king"], include_stop=True)
+    assert inc.push(tok.encode("a king!")) + inc.finish() == "a king"
+
+
+def test_specials_in_prompts_and_logprob_token_text(tok):
+    ids = encode_prompt(tok, "<|endoftext|><|user|>the king<|end|>x")
+    assert ids == [EOT_ID, SPECIAL_IDS["<|user|>"], *tok.encode("the king"), SPECIAL_IDS["<|end|>"], *tok.encode("x")]
+    assert encode_prompt(tok, "<|nope|>") == tok.encode("<|nope|>")
+    assert token_text(tok, EOT_ID) == "<|endoftext|>"
+    assert TextStream(tok).push([EOT_ID, *tok.encode("hi")]) == "hi"   # specials carry no text

@@ -528,3 +528,20 @@ def test_engine_failure_mid_stream_sends_an_error_then_done(tok, tmp_path):
     finally:
         srv.stop()
         store.close()
+
+
+def test_rotating_a_key_keeps_its_quota_spent(server):
+    prompt, max_tokens = [3, 4, 5], 4
+    cost = len(prompt) + max_tokens
+    key = new_key(server, token_quota=3 * cost, period="month")
+    body = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, extra_body={"ignore_eos": True})
+    for _ in range(2):
+        server.client(key).completions.create(**body)
+    server.settle()
+    new, _ = server.store.rotate(server.store.authenticate(key).key_id)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key).completions.create(**body)
+    server.client(new).completions.create(**body)                 # the third of three
+    with pytest.raises(openai.RateLimitError) as e:
+        server.client(new).completions.create(**body)
+    assert e.value.body["code"] == "insufficient_quota"

@@ -102,16 +102,23 @@ def _limit_error(e: LimitError) -> ApiError:
 
 def _validation_error(e: ValidationError) -> ApiError:
     err = e.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "constrained-"))]
     # pydantic names union branches in the location ("str", "list[str]"); the client's field is what matters
-    loc = [p for p in loc if p not in ("str", "int", "list[str]", "list[ContentPart]", "bool", "float")]
-    param = ".".join(loc) if loc else None
+    param = ""
+    for p in err.get("loc", ()):
+        if isinstance(p, int):
+            param += f"[{p}]"
+        elif not (p.startswith(("function-", "constrained-")) or p[:1].islower() and ("[" in p or p in _TYPES)):
+            param += ("." if param else "") + p
+    param = param or None
     if err.get("type") == "extra_forbidden":
         return invalid(f"Unrecognized request argument supplied: {param}", param)
     if err.get("type") == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param)
     msg = err.get("msg", "invalid value")
     return invalid(f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.", param)
+
+
+_TYPES = ("str", "int", "bool", "float", "dict", "list", "none")
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict:
@@ -324,12 +331,22 @@ class AppState:
         self.default_model = models[0].name
         self.store, self.config = store, config
         self.limiter = limiter or RateLimiter()
-        self.quotas = quotas or QuotaManager(store.tokens_used)
+        self.quotas = quotas or QuotaManager(self._tokens_used)
         self.admission = AdmissionQueue(config.max_running, config.max_waiting)
         self.metrics = ServerMetrics(self.snapshot)
         self.jobs: set[Job] = set()
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _tokens_used(self, key_id: str, since: float) -> int:
+        """Ledger tokens of a key and of the keys it replaced: rotating a key does not reset its quota."""
+        total, seen = 0, set()
+        while key_id is not None and key_id not in seen:
+            seen.add(key_id)
+            total += self.store.tokens_used(key_id, since)
+            key = self.store.get_key(key_id)
+            key_id = key.rotated_from if key is not None else None
+        return total
 
     def snapshot(self) -> dict:
         return {"admission_waiting": self.admission.waiting,

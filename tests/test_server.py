@@ -242,7 +242,7 @@ def test_health_and_metrics(server):
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     for name in ("muse_requests_total", "muse_prompt_tokens_total", "muse_completion_tokens_total",
                  "muse_time_to_first_token_seconds_bucket", "muse_inter_token_latency_seconds_bucket",
-                 "muse_queue_depth", "muse_kv_cache_usage_ratio"):
+                 "muse_queue_depth", "muse_kv_cache_usage_ratio", "muse_kv_cache_blocks", "muse_engine_steps_total"):
         assert name in text, name
 
 

@@ -352,6 +352,11 @@ class LLM:
         return outs
 
 
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class EngineDeadError(RuntimeError):
     """The engine's step loop crashed; every stream fails with this and new requests are refused."""
 
@@ -475,6 +480,21 @@ class EngineClient:
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 
+    def _deliver_step(self, outs: list[RequestOutput]) -> None:
+        """One step's outputs: one hand-over per listening event loop, not one per request (each
+        call_soon_threadsafe wakes the loop, and a loop serving many streams pays for every wake-up)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for out in outs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+
     def _finished(self, rid: str, result) -> None:
         cb = self._on_finish.pop(rid, None)
         if cb is not None:
@@ -519,7 +539,7 @@ class EngineClient:
                 for out in outs:
                     if out.finished:
                         self._finished(out.request_id, out)
-                    self._deliver(out.request_id, out)
+                self._deliver_step(outs)
         except BaseException as e:  # a bug or an accelerator failure: fail loudly, refuse new work
             log.exception("engine loop crashed")
             self.error = e

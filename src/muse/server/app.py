@@ -176,6 +176,7 @@ class Job:
         self.task: asyncio.Task | None = None
         self.done = asyncio.Event()
         self.usage: dict | None = None                   # set by the accounting, for the response
+        self._itl = state.metrics.itl.labels(model.name)
         self.loop = asyncio.get_running_loop()
 
     # -- accounting (any thread) --
@@ -297,7 +298,7 @@ class Job:
                     if self.ttft is None:
                         self.ttft = now - self.arrived
                     else:
-                        self.state.metrics.itl.labels(self.model.name).observe(now - last)
+                        self._itl.observe(now - last)
                     last = now
                     c.token_ids.extend(new)
                     c.logprobs.extend(lps)
@@ -563,21 +564,31 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
                     first = make_chunk(c, None, [], [], first=True)
                     if first is not None:
                         yield _sse(first)
-                while True:
-                    item = await job.events.get()
-                    if item is None:
-                        break
-                    if isinstance(item, BaseException):
-                        err = item if isinstance(item, ApiError) else ApiError(
-                            503 if isinstance(item, EngineDeadError) else 500,
-                            f"The request failed while generating: {item}", type="server_error")
-                        yield _sse(err.body())
-                        break
-                    c, delta, new, lps = item
-                    if delta or lps or c.finish_reason:
-                        yield _sse(make_chunk(c, delta, new, lps, first=False))
-                    if c.finish_reason:
-                        yield _sse(finish_chunk(c))
+                over = False
+                while not over:
+                    # everything that arrived since the last wake-up goes out in one write
+                    items = [await job.events.get()]
+                    while not job.events.empty():
+                        items.append(job.events.get_nowait())
+                    out = []
+                    for item in items:
+                        if item is None:
+                            over = True
+                            break
+                        if isinstance(item, BaseException):
+                            err = item if isinstance(item, ApiError) else ApiError(
+                                503 if isinstance(item, EngineDeadError) else 500,
+                                f"The request failed while generating: {item}", type="server_error")
+                            out.append(_sse(err.body()))
+                            over = True
+                            break
+                        c, delta, new, lps = item
+                        if delta or lps or c.finish_reason:
+                            out.append(_sse(make_chunk(c, delta, new, lps, first=False)))
+                        if c.finish_reason:
+                            out.append(_sse(finish_chunk(c)))
+                    if out:
+                        yield b"".join(out)
                 await job.done.wait()
                 if include_usage and job.error is None:
                     yield _sse(usage_chunk(job))

@@ -41,6 +41,8 @@ class _EngineGauges:
         prompt = CounterMetricFamily("muse_engine_prompt_tokens", "prompt tokens the engine was given (x n)",
                                      labels=["model"])
         gen = CounterMetricFamily("muse_engine_generation_tokens", "tokens the engine generated", labels=["model"])
+        blocks = GaugeMetricFamily("muse_kv_cache_blocks", "KV-cache blocks in the pool", labels=["model"])
+        steps = CounterMetricFamily("muse_engine_steps", "engine steps run", labels=["model"])
         for model, s in snap.get("models", {}).items():
             waiting.add_metric([model], s["num_waiting"] + snap.get("admission_waiting", 0))
             running.add_metric([model], s["num_running"])
@@ -49,7 +51,9 @@ class _EngineGauges:
             free.add_metric([model], s["num_free_blocks"])
             prompt.add_metric([model], s["num_prompt_tokens"])
             gen.add_metric([model], s["num_generation_tokens"])
-        yield from (waiting, running, kv, hit, free, prompt, gen)
+            blocks.add_metric([model], s["num_blocks"])
+            steps.add_metric([model], s["num_steps"])
+        yield from (waiting, running, kv, hit, free, prompt, gen, blocks, steps)
 
 
 class ServerMetrics:

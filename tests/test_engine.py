@@ -18,6 +18,7 @@ from muse.common.errors import ResourceError, UsageError
 from muse.infer.engine import LLM, Engine, EngineClient, EngineConfig, EngineDeadError
 from muse.infer.generate import generate
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan
+from muse.infer.sampler import sample as _general_sample
 from muse.infer.sampling_params import SamplingParams
 from muse.infer.spec_decode import SpeculativeConfig
 from muse.model import ModelConfig, build_model
@@ -152,11 +153,36 @@ def test_greedy_n2_and_gpt2(workload):
         assert [c.token_ids for c in outs[str(i)].outputs] == [ref, ref]
 
 
+def test_greedy_fast_path_and_general_sampler_agree(model, workload, monkeypatch):
+    """Steps whose rows are all plain greedy take the raw argmax without building a SamplingBatch
+    (the runner's fast path); one sampled batch mate sends every row through `sample`. The greedy
+    requests give the naive reference either way."""
+    import muse.infer.runner as runner_mod
+
+    calls = []
+
+    def counting_sample(*args):
+        calls.append(1)
+        return _general_sample(*args)
+
+    monkeypatch.setattr(runner_mod, "sample", counting_sample)
+    reqs = greedy_requests(workload)[:16]
+    ref = workload[3][:16]
+    for mate in (False, True):
+        calls.clear()
+        extra = [("mate", workload[0][0], SamplingParams(max_tokens=60, temperature=0.9, seed=1, ignore_eos=True), 0)]
+        engine = Engine(model, EngineConfig(block_size=4, eos_token_id=EOS, num_blocks=200, max_num_batched_tokens=64))
+        outs = run_engine(engine, reqs + (extra if mate else []))
+        assert [outs[str(i)].outputs[0].token_ids for i in range(16)] == ref
+        assert (len(calls) > 0) == mate  # the general path ran exactly when a row needed it
+
+
 @pytest.mark.parametrize("bag_values", [True, False])
 def test_paged_attention_matches_full_forward(model, bag_values):
     """Sequences fed in random chunks through the paged pool give the full forward's logits; so do
     no-write plans (context from the pool, new tokens from the step) used by the draft proposer.
-    Both value paths: embedding-bag from the pool (CPU float32) and gathered values (elsewhere)."""
+    Both value paths: embedding-bag from the pool (CPU float32) and gathered values (elsewhere);
+    both score paths: per-block over the real blocks (short queries) and padded gathers (longer)."""
     rng = random.Random(1)
     bs, pool = 4, PagedKVPool.for_model(model.config, 120, 4)
     seqs = [[rng.randrange(V) for _ in range(rng.randint(1, 90))] for _ in range(5)]
@@ -164,6 +190,7 @@ def test_paged_attention_matches_full_forward(model, bag_values):
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-len(s) // bs))] for s in seqs]
     done, got = [0] * 5, [[] for _ in seqs]
+    kinds = set()  # attention paths exercised: per-block scores (short queries) and padded gathers
     with torch.no_grad():
         while any(d < len(s) for d, s in zip(done, seqs)):
             spans, ids, who = [], [], []
@@ -174,6 +201,7 @@ def test_paged_attention_matches_full_forward(model, bag_values):
                     ids += s[done[i]:done[i] + n]
                     who.append((i, n))
             plan = StepPlan(spans, bs, "cpu", max_batched_query=8)
+            kinds.update(g.per_block for g in plan.padded)
             step = PagedStep(pool, plan)
             assert step.bag_values
             step.bag_values = bag_values
@@ -189,6 +217,7 @@ def test_paged_attention_matches_full_forward(model, bag_values):
                 plan = StepPlan([SeqSpan(len(s) - 3, 3, tables[i])], bs, "cpu", write=False)
                 again = model(torch.tensor([s[-3:]]), kv_cache=PagedStep(pool, plan))[0]
                 torch.testing.assert_close(again, full[-3:], atol=1e-5, rtol=1e-5)
+    assert kinds == {True, False}
 
 
 def test_prompt_logprobs_and_logprobs_match_full_forward(model):

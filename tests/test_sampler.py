@@ -12,6 +12,7 @@ from muse.infer.sampler import (
     SamplingBatch,
     SamplingRow,
     exponential_noise,
+    is_plain_greedy,
     sample,
     sample_from_probs,
     seed_key,
@@ -135,6 +136,31 @@ def test_sample_is_a_function_of_seed_and_position_only():
     moved = [SamplingRow(r.params, r.seed, r.position + 1, r.num_prompt_tokens, r.history + [1], r.stop_ids)
              for r in rows]
     assert not torch.equal(sample(logits, SamplingBatch(moved, V, "cpu")), batch)
+
+
+def test_plain_greedy_rows_sample_the_raw_argmax():
+    """The runner's fast path takes the argmax of the raw logits for rows is_plain_greedy accepts;
+    `sample` must give the same token for them. Rows it refuses (penalties, a stop id still masked
+    below min_tokens, temperature > 0) are the ones where the argmax can be wrong."""
+    rng = random.Random(4)
+    rows = (random_rows(rng, 16, temperature=0.0) + random_rows(rng, 16, temperature=0.0, min_tokens=12)
+            + random_rows(rng, 8, temperature=0.0, repetition_penalty=2.0) + random_rows(rng, 8))
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(4)) * 3
+    logits[:, 0] += 4.0  # stop id 0 is often the argmax: masking it below min_tokens changes the token
+    got = sample(logits, SamplingBatch(rows, V, "cpu"))
+    plain = [r.plain_greedy for r in rows]
+    assert 0 < sum(plain) < len(rows)
+    for i, r in enumerate(rows):
+        assert plain[i] == (r.params.is_greedy and not r.has_penalties
+                            and r.position - r.num_prompt_tokens >= r.params.min_tokens)
+        if plain[i]:
+            assert got[i] == logits[i].argmax()
+    # the refused greedy rows include some whose token is not the raw argmax (the check matters)
+    assert any(not plain[i] and r.params.is_greedy and got[i] != logits[i].argmax() for i, r in enumerate(rows))
+    # no stop ids: min_tokens masks nothing, the row stays plain
+    assert is_plain_greedy(SamplingParams(temperature=0, min_tokens=5), 0, ())
+    assert not is_plain_greedy(SamplingParams(temperature=0, min_tokens=5), 0, (7,))
+    assert is_plain_greedy(SamplingParams(temperature=0, min_tokens=5), 5, (7,))
 
 
 def test_exponential_race_draws_from_the_distribution():

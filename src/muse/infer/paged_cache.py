@@ -18,11 +18,14 @@ scores by matmul, values summed straight from the pool by F.embedding_bag, see `
   - a sequence starting at position 0 with more than `max_batched_query` tokens (a fresh prefill)
     attends to its own new keys only: SDPA with is_causal, no gather;
   - every other sequence reads its context from the pool. Sequences are bucketed by query length
-    (1, 2, 4, .. max_batched_query; longer ones alone), each bucket split by context length (no
-    group pads a context to more than twice its length), and each group is ONE padded, masked
-    attention over its gathered blocks: the decodes (T = 1) of the batch go together, spec
-    verifications (T = k + 1) together, and a short decode never pays for a long prefill. Query
-    heads sharing a k/v head are folded into the query rows (grouped-query attention, no k/v copy).
+    (1, 2, 4, .. max_batched_query; longer ones alone) and each group is ONE padded, masked
+    attention over its blocks: the decodes (T = 1) of the batch go together, spec verifications
+    (T = k + 1) together, and a short decode never pays for a long prefill. Query heads sharing a
+    k/v head are folded into the query rows (grouped-query attention, no k/v copy).
+  - short-query buckets on CPU (decodes, verifications) stay one group whatever their contexts:
+    their scores are computed block by block over the real blocks only (`PagedStep._scores`), so
+    padding costs nothing in the key gather. Other buckets are split by context length (no group
+    pads a context to more than twice its length) and gather their padded block tables.
 All K/V of a layer are written before any group of that layer reads the pool: a request may hit in
 the prefix cache blocks that another request of the same step is computing (kv_blocks.py contract).
 
@@ -34,6 +37,7 @@ This module knows block ids and positions, not requests, sampling or the schedul
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from muse.infer.kv_blocks import cdiv
+
+
+def long_tensor(values: Sequence[int], device) -> torch.Tensor:
+    """torch.tensor(values, dtype=torch.long) on `device`, built through array("q"): ~3x faster for
+    the thousands of ints a step's plan converts (torch.tensor of a list was a third of it)."""
+    if not len(values):
+        return torch.empty(0, dtype=torch.long, device=device)
+    return torch.frombuffer(array("q", values), dtype=torch.long).to(device, non_blocking=True)
 
 
 class PagedKVPool:
@@ -59,6 +71,7 @@ class PagedKVPool:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_layer, self.num_blocks, self.block_size = n_layer, num_blocks, block_size
         self.n_kv_head, self.head_dim = n_kv_head, head_dim
+        self._buffers: dict[str, torch.Tensor] = {}  # gather scratch ("k", "v"): see _scratch
 
     @classmethod
     def for_model(cls, cfg, num_blocks: int, block_size: int, device="cpu",
@@ -82,17 +95,41 @@ class PagedKVPool:
         heads = torch.arange(self.n_kv_head, device=table.device)[:, None] * self.num_blocks
         return (heads + table.reshape(1, -1)).reshape(-1)
 
-    def gather(self, layer: int, index: torch.Tensor, B: int, which: str = "kv"):
-        """Keys and/or values of B block tables given by gather_index: each (Hkv, B, S, D).
+    def _scratch(self, which: str, numel: int) -> torch.Tensor | None:
+        """CPU: a reusable flat buffer of at least `numel` elements (grown by half again when too
+        small, then kept: it holds the largest gather so far). Elsewhere None: allocate.
 
-        One index_select over the flattened layer: measured ~1.5x faster on CPU than selecting
-        along the block dimension of the 4-d layer."""
+        Why: on CPU a fresh multi-MB tensor is fresh pages from the OS, and first touching them
+        (page faults, zeroing) cost as much as the copy itself (a 7 MB key gather measured 430 us
+        into a new tensor, 225 us into a reused one). Accelerator allocators cache their blocks."""
+        if self.k.device.type != "cpu":
+            return None
+        buf = self._buffers.get(which)
+        if buf is None or buf.numel() < numel:
+            size = max(numel, 3 * (0 if buf is None else buf.numel()) // 2)
+            with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+                buf = self._buffers[which] = torch.empty(size, dtype=self.k.dtype)
+        return buf[:numel]
+
+    def gather(self, layer: int, index: torch.Tensor, B: int, which: str = "kv"):
+        """Keys and/or values of the blocks given by gather_index: each (Hkv, B, -1, D).
+
+        One index_select over the flattened layer (measured ~1.5x faster on CPU than selecting
+        along the block dimension of the 4-d layer). Footgun: on CPU the result lives in a scratch
+        buffer of the pool and is only valid until the next gather of the same `which`."""
         flat = (self.n_kv_head * self.num_blocks, self.block_size, self.head_dim)
         shape = (self.n_kv_head, B, -1, self.head_dim)
-        k = self.k[layer].view(flat).index_select(0, index).view(shape)
-        if which == "k":
-            return k
-        return k, self.v[layer].view(flat).index_select(0, index).view(shape)
+        n = index.numel() * self.block_size * self.head_dim
+        out = []
+        for name in which:
+            src = (self.k if name == "k" else self.v)[layer].view(flat)
+            buf = self._scratch(name, n)
+            if buf is None:
+                out.append(src.index_select(0, index).view(shape))
+            else:
+                buf = buf.view(-1, self.block_size, self.head_dim)
+                out.append(torch.index_select(src, 0, index, out=buf).view(shape))
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 @dataclass
@@ -122,6 +159,13 @@ class _Padded:
     dst: torch.Tensor          # (M,) ... and their flat token index
     mask: torch.Tensor         # (B, 1, Tq, S) True = may attend
     Tq: int
+    per_block: bool            # scores block by block over the real blocks only (PagedStep._scores)
+    blocks: torch.Tensor       # (nr,) the real (non-padding) entries of table, row by row ...
+    block_row: torch.Tensor    # (nr,) ... the row (sequence) of each ...
+    block_pos: torch.Tensor    # (nr,) ... and its index in table.reshape(-1)
+    blocks_in_place: bool      # block_pos is 0..B*nb-1 (no padding, table order)
+    dense: bool                # no padded queries: src is 0..M-1 and q_index holds no N
+    identity: bool             # dense, and dst is 0..N-1: the group's output is the step's output
 
 
 def _bucket(T: int) -> int:
@@ -129,11 +173,14 @@ def _bucket(T: int) -> int:
 
 
 class StepPlan:
-    """The flattened batch of one step: positions, slots to write, and the attention groups."""
+    """The flattened batch of one step: positions, slots to write, and the attention groups.
+
+    `n_rep` (query heads per k/v head) only chooses how short-query groups are computed on CPU
+    (see PagedStep._scores); any value gives the same attention."""
 
     def __init__(self, spans: Sequence[SeqSpan], block_size: int, device, *, write: bool = True,
-                 max_batched_query: int = 64):
-        self.block_size, self.write, self.device = block_size, write, device
+                 max_batched_query: int = 64, n_rep: int = 1):
+        self.block_size, self.write, self.device = block_size, write, torch.device(device)
         self.num_tokens = N = sum(s.num_tokens for s in spans)
         positions: list[int] = []
         slots: list[int] = []
@@ -146,8 +193,8 @@ class StepPlan:
                 slots.extend(bids[p // block_size] * block_size + p % block_size
                              for p in range(s.start, s.start + s.num_tokens))
         self.max_position = max(positions, default=-1)
-        self.positions = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
-        self.slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True) if write else None
+        self.positions = long_tensor(positions, device)
+        self.slot_mapping = long_tensor(slots, device) if write else None
         self.causal: list[_Causal] = []
         buckets: dict[int, list[int]] = {}
         for i, s in enumerate(spans):
@@ -159,8 +206,21 @@ class StepPlan:
                 buckets[-i - 1] = [i]  # alone (its own key: negative, never a power of two)
             else:
                 buckets.setdefault(_bucket(s.num_tokens), []).append(i)
-        self.padded = [self._padded([spans[i] for i in idx], [offsets[i] for i in idx], N)
-                       for bucket in buckets.values() for idx in self._split_by_context(bucket, spans)]
+        self.padded: list[_Padded] = []
+        for bucket in buckets.values():
+            Tq = max(spans[i].num_tokens for i in bucket)
+            # Short queries on CPU get per-block scores (PagedStep._scores), which gather no
+            # padding: one group of any mix of contexts costs no more than split ones, and fewer
+            # groups mean fewer calls per layer. Query rows (Tq * n_rep) up to half a block: past
+            # that the per-block matmuls measured slower than padded ones over the same bytes.
+            # (A CPU pool in another dtype than float32 computes such a group padded and unsplit:
+            # correct, not tuned.)
+            per_block = write and self.device.type == "cpu" and 2 * Tq * n_rep <= block_size
+            for idx in [bucket] if per_block else self._split_by_context(bucket, spans):
+                self.padded.append(self._padded([spans[i] for i in idx], [offsets[i] for i in idx], N,
+                                                per_block))
+        # padded queries read row N of the step's queries (zeros)
+        self.pad_queries = any(not g.dense for g in self.padded)
 
     @staticmethod
     def _split_by_context(idx: list[int], spans: Sequence[SeqSpan]) -> list[list[int]]:
@@ -178,21 +238,41 @@ class StepPlan:
                 groups.append([i])
         return groups
 
-    def _padded(self, spans: list[SeqSpan], offsets: list[int], N: int) -> _Padded:
+    def _padded(self, spans: list[SeqSpan], offsets: list[int], N: int, per_block: bool) -> _Padded:
         bs, dev = self.block_size, self.device
         Tq = max(s.num_tokens for s in spans)
         # with write, keys come from the pool up to the last new token; without, the pool holds the
         # context (< start) and the new keys are appended after it
         ctx_len = [s.start + s.num_tokens if self.write else s.start for s in spans]
-        nb = max(1, max(cdiv(c, bs) for c in ctx_len))
-        table = [list(s.block_ids[:cdiv(c, bs)]) + [0] * (nb - cdiv(c, bs)) for s, c in zip(spans, ctx_len)]
+        nbs = [cdiv(c, bs) for c in ctx_len]
+        nb = max(1, max(nbs))
+        table, blocks, block_row, block_pos = [], [], [], []
+        for j, (s, n) in enumerate(zip(spans, nbs)):
+            real = list(s.block_ids[:n])
+            table.extend(real)
+            table.extend([0] * (nb - n))
+            if per_block:
+                blocks.extend(real)
+                block_row.extend([j] * n)
+                block_pos.extend(range(j * nb, j * nb + n))
+        if per_block:
+            # gather in address order: a step's blocks lie all over the pool, and reading them in
+            # ascending order measured 1.1-1.3x faster than in table order (fewer TLB and DRAM page
+            # misses); per-block scores do not care about the order
+            order = sorted(range(len(blocks)), key=blocks.__getitem__)
+            blocks = [blocks[o] for o in order]
+            block_row = [block_row[o] for o in order]
+            block_pos = [block_pos[o] for o in order]
+        dense = all(s.num_tokens == Tq for s in spans)
         q_index, src, dst = [], [], []
         for j, (s, off) in enumerate(zip(spans, offsets)):
             q_index.extend(range(off, off + s.num_tokens))
-            q_index.extend([N] * (Tq - s.num_tokens))
-            src.extend(range(j * Tq, j * Tq + s.num_tokens))
             dst.extend(range(off, off + s.num_tokens))
-        t = lambda x: torch.tensor(x, dtype=torch.long).to(dev, non_blocking=True)  # noqa: E731
+            if not dense:
+                q_index.extend([N] * (Tq - s.num_tokens))
+                src.extend(range(j * Tq, j * Tq + s.num_tokens))
+        t = lambda x: long_tensor(x, dev)  # noqa: E731
+        dst_t = t(dst)
         start = t([s.start for s in spans])[:, None, None]                     # (B, 1, 1)
         qpos = torch.arange(Tq, device=dev)[None, :, None]                     # (1, Tq, 1): query i
         if self.write:
@@ -203,7 +283,12 @@ class StepPlan:
             new_key = torch.arange(Tq, device=dev)[None, None, :]
             mask = torch.cat([(ctx_key < start).expand(-1, Tq, -1),
                               (new_key <= qpos).expand(len(spans), -1, -1)], dim=2)
-        return _Padded(t(table), t(q_index), t(src), t(dst), mask[:, None], Tq)
+        return _Padded(
+            table=t(table).view(len(spans), nb), q_index=dst_t if dense else t(q_index),
+            src=torch.arange(len(dst), device=dev) if dense else t(src), dst=dst_t, mask=mask[:, None], Tq=Tq,
+            per_block=per_block, blocks=t(blocks), block_row=t(block_row), block_pos=t(block_pos),
+            blocks_in_place=block_pos == list(range(len(table))), dense=dense,
+            identity=dense and dst == list(range(N)))
 
 
 def _sdpa(q, k, v, is_causal=False):
@@ -235,7 +320,9 @@ class PagedStep:
         self.positions = plan.positions
         self.logits_indices = logits_indices
         self._masks: dict[tuple[int, int], torch.Tensor] = {}  # (group, n_rep) -> folded mask
-        self._index: dict[int, torch.Tensor] = {}              # group -> pool.gather_index
+        self._hidden: dict[tuple[int, int], torch.Tensor] = {}  # (group, n_rep) -> ~folded mask
+        self._index: dict[int, torch.Tensor] = {}              # group i -> gather index of its table,
+                                                                # -1 - i -> of its real blocks
         self._bags: dict[tuple[int, int], tuple] = {}          # (group, n_rep) -> embedding-bag layout
         # CPU, float32, written plans: values are summed straight from the pool (_bag_values)
         self.bag_values = plan.write and pool.v.device.type == "cpu" and pool.v.dtype == torch.float32
@@ -250,6 +337,13 @@ class PagedStep:
             B, _, Tq, S = g.mask.shape
             self._masks[key] = g.mask.expand(B, n_rep, Tq, S).reshape(1, B, n_rep * Tq, S)
         return self._masks[key]
+
+    def _hidden_mask(self, i: int, g: _Padded, n_rep: int) -> torch.Tensor:
+        """~_folded_mask, True = may NOT attend (masked_fill's convention), built once per step."""
+        key = (i, n_rep)
+        if key not in self._hidden:
+            self._hidden[key] = ~self._folded_mask(i, g, n_rep)
+        return self._hidden[key]
 
     def _bag_layout(self, i: int, g: _Padded, n_rep: int):
         """For F.embedding_bag over the flattened value pool (Hkv * num_blocks * block_size, D): one
@@ -270,15 +364,41 @@ class PagedStep:
             self._bags[key] = (pos, rows, offsets)
         return self._bags[key]
 
-    def _bag_values(self, layer: int, i: int, g: _Padded, n_rep: int, q, k) -> torch.Tensor:
+    def _scores(self, layer: int, i: int, g: _Padded, q: torch.Tensor) -> torch.Tensor:
+        """Scaled scores q k^T (Hkv, B, L, S) of a group's queries (Hkv, B, L, D) against its keys in
+        the pool, masked positions not yet masked."""
+        pool = self.pool
+        Hkv, B, L, D = q.shape
+        q = q * D ** -0.5  # scale the (small) queries, not the scores
+        if not g.per_block:  # one matmul per sequence over its padded, gathered keys
+            if i not in self._index:
+                self._index[i] = pool.gather_index(g.table)
+            return q @ pool.gather(layer, self._index[i], B, "k").transpose(-1, -2)
+        # Short queries (decodes, draft verifications): gather only the real blocks, one small
+        # matmul per block, scores scattered into the padded layout (L / D the size of the keys).
+        # A padded gather copies every padding block too: 28% of what it gathered for steps of 32
+        # decodes of 16-500 tokens even split by context (bench/engine.py, concurrency 32).
+        key = -1 - i
+        if key not in self._index:
+            self._index[key] = pool.gather_index(g.blocks[None])
+        nb, bs = g.table.size(1), pool.block_size
+        kb = pool.gather(layer, self._index[key], 1, "k").view(-1, bs, D)               # (Hkv*nr, bs, D)
+        qb = q.index_select(1, g.block_row).view(-1, L, D)                               # (Hkv*nr, L, D)
+        # bmm on 3-d views: the same product through 4-d matmul measured ~1.5x slower
+        sb = torch.bmm(qb, kb.transpose(1, 2)).view(Hkv, -1, L, bs)                      # (Hkv, nr, L, bs)
+        if not g.blocks_in_place:  # zeros, not -inf, at padding: the mask decides; rows stay finite
+            sb = sb.new_zeros(Hkv, B * nb, L, bs).index_copy_(1, g.block_pos, sb)
+        return sb.view(Hkv, B, nb, L, bs).transpose(2, 3).reshape(Hkv, B, L, nb * bs)
+
+    def _bag_values(self, layer: int, i: int, g: _Padded, n_rep: int, q) -> torch.Tensor:
         """Masked attention whose value side never gathers: softmax weights of the allowed slots go
         to F.embedding_bag(mode="sum", per_sample_weights), which reads each value row once from
         the pool. On CPU the value gather (a full read + write of the context) and the p @ v
         matmul measured ~3x slower than this for decode batches."""
         pos, rows, offsets = self._bag_layout(i, g, n_rep)
         Hkv, B, L, D = q.shape
-        scores = (q * D ** -0.5) @ k.transpose(-1, -2)  # scale the (small) queries, not the scores
-        w = scores.masked_fill_(~self._folded_mask(i, g, n_rep), float("-inf")).softmax(-1)
+        scores = self._scores(layer, i, g, q)
+        w = scores.masked_fill_(self._hidden_mask(i, g, n_rep), float("-inf")).softmax(-1)
         w = w.reshape(Hkv, -1).index_select(1, pos).reshape(-1)
         out = F.embedding_bag(rows, self.pool.v[layer].view(-1, D), offsets, mode="sum", per_sample_weights=w)
         return out.view(Hkv, B, L, D)
@@ -296,23 +416,30 @@ class PagedStep:
         for g in plan.causal:
             qs, ks, vs = (x[g.a:g.b].transpose(0, 1)[None] for x in (qf, kf, vf))  # (1, H|Hkv, T, D)
             y[g.a:g.b] = _sdpa(qs, ks, vs, is_causal=True)[0].transpose(0, 1)
-        if plan.padded:
-            qpad = torch.cat([qf, qf.new_zeros(1, H, D)])  # row N: what padded queries read
+        qpad, kpad, vpad = qf, kf, vf
+        if plan.pad_queries:  # row N: what padded queries read
+            qpad = torch.cat([qf, qf.new_zeros(1, H, D)])
             if not plan.write:
                 kpad = torch.cat([kf, kf.new_zeros(1, Hkv, D)])
                 vpad = torch.cat([vf, vf.new_zeros(1, Hkv, D)])
         for i, g in enumerate(plan.padded):
             B, Tq = g.table.size(0), g.Tq
             # (B*Tq, H, D) -> (Hkv, B, r*Tq, D): query head h = kv head h // r, folded into the rows
-            qg = qpad.index_select(0, g.q_index).view(B, Tq, Hkv, r, D).permute(2, 0, 3, 1, 4)
+            if g.identity:  # the group is the whole step in order: q (1, H, N, D) as it is
+                qg = q[0].view(Hkv, r, B, Tq, D).transpose(1, 2)
+            else:
+                qg = qpad.index_select(0, g.q_index).view(B, Tq, Hkv, r, D).permute(2, 0, 3, 1, 4)
             qg = qg.reshape(Hkv, B, r * Tq, D)
+            if self.bag_values and q.dtype == torch.float32:
+                out = self._bag_values(layer, i, g, r, qg)
+                out = out.view(Hkv, B, r, Tq, D).permute(1, 3, 0, 2, 4).reshape(B * Tq, H, D)
+                if g.identity:  # every token of the step, in order (a step of decodes only)
+                    y = out
+                else:
+                    y.index_copy_(0, g.dst, out if g.dense else out.index_select(0, g.src))
+                continue
             if i not in self._index:
                 self._index[i] = pool.gather_index(g.table)
-            if self.bag_values and q.dtype == torch.float32:
-                out = self._bag_values(layer, i, g, r, qg, pool.gather(layer, self._index[i], B, "k"))
-                out = out.view(Hkv, B, r, Tq, D).permute(1, 3, 0, 2, 4).reshape(B * Tq, H, D)
-                y.index_copy_(0, g.dst, out.index_select(0, g.src))
-                continue
             kg, vg = pool.gather(layer, self._index[i], B)                           # (Hkv, B, S, D)
             if not plan.write:
                 kn = kpad.index_select(0, g.q_index).view(B, Tq, Hkv, D).permute(2, 0, 1, 3)
@@ -320,5 +447,5 @@ class PagedStep:
                 kg, vg = torch.cat([kg, kn.to(kg.dtype)], 2), torch.cat([vg, vn.to(vg.dtype)], 2)
             out = _masked_attention(qg, kg, vg, self._folded_mask(i, g, r))          # (Hkv, B, r*Tq, D)
             out = out.view(Hkv, B, r, Tq, D).permute(1, 3, 0, 2, 4).reshape(B * Tq, H, D)
-            y.index_copy_(0, g.dst, out.index_select(0, g.src))
+            y.index_copy_(0, g.dst, out if g.dense else out.index_select(0, g.src))
         return y.transpose(0, 1)[None]

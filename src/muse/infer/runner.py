@@ -26,8 +26,15 @@ from dataclasses import dataclass
 import torch
 
 from muse.common.errors import ConfigError
-from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan
-from muse.infer.sampler import SamplingBatch, SamplingRow, sample, target_probs, token_logprobs
+from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan, long_tensor
+from muse.infer.sampler import (
+    SamplingBatch,
+    SamplingRow,
+    is_plain_greedy,
+    sample,
+    target_probs,
+    token_logprobs,
+)
 from muse.infer.sampling_params import SamplingParams
 from muse.infer.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from muse.infer.spec_decode import (
@@ -48,6 +55,11 @@ class _RequestState:
     stop_ids: tuple[int, ...]               # masked below min_tokens
     max_tokens: int                         # generation limit (clamped to the model's length)
     draft_probs: torch.Tensor | None = None  # (k, V) proposal distributions of the pending drafts
+
+    @property
+    def plain_greedy(self) -> bool:
+        """This step's token is the argmax of the raw logits (sampler.is_plain_greedy)."""
+        return is_plain_greedy(self.params, len(self.token_ids) - self.num_prompt_tokens, self.stop_ids)
 
 
 class ModelRunner:
@@ -70,6 +82,7 @@ class ModelRunner:
         self.block_size, self.max_model_len = block_size, max_model_len
         self.eos_token_id = eos_token_id
         self.max_batched_query = max_batched_query
+        self.n_rep = cfg.n_head // cfg.n_kv_head  # query heads per k/v head (how StepPlan groups)
         self.pool = PagedKVPool.for_model(cfg, num_blocks, block_size, self.device, self.dtype)
         self.states: dict[str, _RequestState] = {}
         self._rng = random.Random(seed)  # seeds for unseeded requests
@@ -107,7 +120,7 @@ class ModelRunner:
         return SamplingRow(st.params, st.seed, position, st.num_prompt_tokens, history, st.stop_ids)
 
     # ----- the step ------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         for rid in so.finished_request_ids + so.preempted_request_ids:
             self.states.pop(rid, None)
@@ -133,11 +146,12 @@ class ModelRunner:
                 sample_jobs.append((s, st, len(rows)))
                 rows.extend(range(off + T - 1 - k, off + T))
             off += T
-        plan = StepPlan(spans, self.block_size, self.device, max_batched_query=self.max_batched_query)
+        plan = StepPlan(spans, self.block_size, self.device, max_batched_query=self.max_batched_query,
+                        n_rep=self.n_rep)
         if plan.max_position >= self.max_model_len:
             raise RuntimeError(f"position {plan.max_position} >= max_model_len {self.max_model_len}")
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        logits_indices = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        input_ids = long_tensor(ids, self.device)
+        logits_indices = long_tensor(rows, self.device)
         logits = self.model(input_ids[None], kv_cache=PagedStep(self.pool, plan, logits_indices))[0]  # (L, V)
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
@@ -159,12 +173,16 @@ class ModelRunner:
         return res
 
     def _sample_plain(self, jobs, logits: torch.Tensor, res: RunnerOutput) -> None:
-        batch_rows, idx = [], []
-        for _, st, first in jobs:
-            batch_rows.append(self._row(st, len(st.token_ids), st.token_ids))
-            idx.append(first)
-        sel = logits[idx]
-        toks = sample(sel, SamplingBatch(batch_rows, self.vocab_size, self.device)).tolist()
+        idx = [first for _, _, first in jobs]
+        # rows in order 0..L-1 (no prompt logprobs, no drafts): the logits are the selection
+        sel = logits if idx == list(range(logits.size(0))) else logits[idx]
+        if all(st.plain_greedy for _, st, _ in jobs):
+            # the common case (every row greedy, no penalties, no stop id masked): what `sample`
+            # computes, without building a SamplingBatch (~10 small tensors) every step
+            toks = sel.argmax(-1).tolist()
+        else:
+            batch_rows = [self._row(st, len(st.token_ids), st.token_ids) for _, st, _ in jobs]
+            toks = sample(sel, SamplingBatch(batch_rows, self.vocab_size, self.device)).tolist()
         lp_jobs = []
         for (s, st, _), tok, i in zip(jobs, toks, range(len(jobs))):
             res.sampled_token_ids[s.request_id] = [tok]

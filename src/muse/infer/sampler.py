@@ -69,6 +69,14 @@ def exponential_noise(keys: Sequence[int], vocab_size: int, device) -> torch.Ten
     return out.clamp_min_(torch.finfo(out.dtype).tiny)
 
 
+def is_plain_greedy(params: SamplingParams, num_generated: int, stop_ids: Sequence[int] = ()) -> bool:
+    """True when a row's token is just the argmax of its raw logits: greedy, no penalties, and no
+    stop token masked (min_tokens reached, or nothing to mask). `sample` returns exactly that; the
+    runner skips building a SamplingBatch for a step whose rows are all like this."""
+    return (params.is_greedy and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and (num_generated >= params.min_tokens or not stop_ids))
+
+
 @dataclass
 class SamplingRow:
     """One position to sample and everything about the request that decides how."""
@@ -79,6 +87,10 @@ class SamplingRow:
     num_prompt_tokens: int
     history: Sequence[int] = ()        # tokens at positions < position (read only when penalties are on)
     stop_ids: tuple[int, ...] = ()     # masked while fewer than min_tokens tokens were generated
+
+    @property
+    def plain_greedy(self) -> bool:
+        return is_plain_greedy(self.params, self.position - self.num_prompt_tokens, self.stop_ids)
 
     @property
     def has_penalties(self) -> bool:

@@ -376,7 +376,7 @@ def test_engine_client_streams_and_aborts(model, workload):
         finals = []
         stream = client.add_request(prompts[1], SamplingParams(max_tokens=100, ignore_eos=True), "walk",
                                     on_finish=finals.append)
-        async for first in stream:
+        async for first in stream:  # noqa: B007 - the first output is kept
             break
         await stream.aclose()
         for _ in range(200):
@@ -390,7 +390,7 @@ def test_engine_client_streams_and_aborts(model, workload):
 
         # on_finish of a finished request: once, with the final output; not for a refused request
         done = []
-        async for out in client.add_request(prompts[3], SamplingParams(max_tokens=4, ignore_eos=True),
+        async for out in client.add_request(prompts[3], SamplingParams(max_tokens=4, ignore_eos=True),  # noqa: B007 - the last output is kept
                                             on_finish=done.append):
             pass
         assert len(done) == 1 and done[0].outputs[0].token_ids == out.outputs[0].token_ids

@@ -16,7 +16,7 @@ into that JSON, so clients' SDKs raise their matching exception classes.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
@@ -230,6 +230,3 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     tokens: list[Annotated[StrictInt, Field(ge=0)]]
-
-
-Role = Literal["system", "user", "assistant"]

@@ -104,6 +104,43 @@ def test_newton_schulz_bf16_close_to_fp32_and_zero_stays_zero():
     assert torch.equal(Z, torch.zeros(8, 4))
 
 
+def test_newton_schulz_any_leading_dims_equal_one_batch():
+    # 2-D, 3-D and 4-D inputs go through the same (k, r, c) batched iteration
+    G = torch.randn(2, 3, 40, 24, generator=torch.Generator().manual_seed(6))
+    batched = zeropower_via_newtonschulz5(G.reshape(6, 40, 24), 5, torch.float32).reshape(G.shape)
+    assert torch.equal(zeropower_via_newtonschulz5(G, 5, torch.float32), batched)
+    torch.testing.assert_close(zeropower_via_newtonschulz5(G[1, 2], 5, torch.float32), batched[1, 2])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_newton_schulz_dtype_on_cpu_follows_native_bf16(monkeypatch, fast):
+    from muse.train import muon
+
+    monkeypatch.setattr(muon, "cpu_has_fast_bf16", lambda: fast)
+    cpu, big = torch.device("cpu"), (muon.CPU_BF16_MIN_DIM, muon.CPU_BF16_MIN_DIM + 32)
+    assert muon._ns_dtype("auto", cpu, big) == (torch.bfloat16 if fast else torch.float32)
+    assert muon._ns_dtype("auto", cpu, (muon.CPU_BF16_MIN_DIM - 1, 512)) == torch.float32  # small: fp32 is faster
+    assert muon._ns_dtype("float32", cpu, big) == torch.float32  # explicit choices are kept
+    assert muon._ns_dtype("bfloat16", cpu, (8, 8)) == torch.bfloat16
+    assert muon._ns_dtype("auto", torch.device("cuda"), (8, 8)) == torch.bfloat16
+    # ... and the step really runs the iteration in that dtype: a bf16-sized error or an fp32-sized one
+    gen = torch.Generator().manual_seed(7)
+    init, grad = torch.randn(*big, generator=gen), torch.randn(*big, generator=gen)
+    p = nn.Parameter(init.clone())
+    p.grad = grad.clone()
+    Muon([p], lr=0.1).step()
+    (expected,) = reference_muon([init], [[grad]], lr=0.1, momentum=0.95, wd=0.0)
+    delta, ref_delta = p.detach().double() - init.double(), expected - init.double()
+    err = ((delta - ref_delta).norm() / ref_delta.norm()).item()
+    assert (1e-3 < err < 6e-2) if fast else err < 1e-4
+
+
+def test_cpu_has_fast_bf16_is_a_plain_answer():
+    from muse.train.muon import cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16() in (True, False)
+
+
 # ---------------------------------------------------------------- Muon step vs reference
 
 

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype: auto (default) = bf16 where the device has it, fp32 on cpu")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block (default off; --no-compile overrides a config file)")
     p.add_argument("--nproc", type=int, help="processes to start on this node (torchrun standalone); default 1")
     p.add_argument("--parallel", choices=["fsdp", "ddp"], help="with several processes: fsdp (default) or ddp")
     p.add_argument("--dp", type=int, help="data-parallel size (default: processes / tp)")
@@ -63,15 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
 
 
-def run(args) -> int:
+def load_train_config(args):
+    """The TrainConfig these parsed arguments ask for (defaults <- --config <- flags <- --set)."""
     from muse.train.config import load_config
-    from muse.train.trainer import Trainer
 
-    if args.consolidate:
-        from muse.distributed.checkpoint import consolidate
-
-        print(f"full weights in {consolidate(args.run_dir)}")
-        return 0
     flags = {
         "depth": args.depth, "arch": args.arch, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "total_batch_tokens": args.total_batch_tokens, "max_steps": args.max_steps,
@@ -86,6 +82,18 @@ def run(args) -> int:
     cfg = load_config(args.config, flags, sets)
     if not cfg.max_steps and not cfg.train_tokens:
         cfg.max_steps = 600
+    return cfg
+
+
+def run(args) -> int:
+    from muse.train.trainer import Trainer
+
+    if args.consolidate:
+        from muse.distributed.checkpoint import consolidate
+
+        print(f"full weights in {consolidate(args.run_dir)}")
+        return 0
+    cfg = load_train_config(args)
     trainer = Trainer(cfg, args.run_dir, resume=args.resume, force=args.force)  # checks the run dir first
     if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # The launcher: start N copies of this very command under torchrun's agent. They see WORLD_SIZE
@@ -127,6 +135,9 @@ def _argv(args) -> list[str]:
         value = getattr(args, action.dest, None)
         if not action.option_strings:
             out.append(str(value))
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            if value is not None and value != action.default:
+                out.append(action.option_strings[0 if value else 1])  # --compile / --no-compile
         elif value is None or value is False or value == action.default:
             continue
         elif isinstance(action, argparse._StoreTrueAction):

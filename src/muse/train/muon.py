@@ -23,6 +23,8 @@ This module does not know about models, parameter names, schedules or process gr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Quintic coefficients from the recipe: chosen to push every singular value in (0, 1] towards ~1 as fast
@@ -48,23 +50,60 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation: X @ X^T is then the smaller (rows x rows) Gram matrix
         X = X.mT
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])  # (k, r, c): baddbmm wants exactly one batch dimension
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1] where the iteration
     # converges; the epsilon keeps an all-zero gradient at zero instead of NaN.
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = X @ X.mT  # (..., r, r)
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X  # = a X + b (X X^T) X + c (X X^T)^2 X: odd polynomial in the singular values
+        A = X @ X.mT  # (k, r, r)
+        # baddbmm folds the scale-and-add into the matmul's output pass: 10% faster than
+        # `b * A + c * (A @ A)` and `a * X + B @ X` in fp32 on CPU, 5% in bf16 (5 steps, the shapes of a
+        # width-384 model), where the elementwise passes are not hidden behind the matmuls as on a GPU.
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + b (X X^T) X + c (X X^T)^2 X: odd in the singular values
+    X = X.reshape(shape)
     if transposed:
         X = X.mT
     return X
 
 
-def _ns_dtype(name: str, device: torch.device) -> torch.dtype:
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True where this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles).
+
+    There oneDNN runs a bf16 matmul at ~2.3x the fp32 rate (measured on a 2-vCPU AMD EPYC with
+    AVX512-BF16: ~210 vs ~90 GFLOP/s per core); elsewhere bf16 is emulated and slower than fp32.
+    `torch.backends.cpu.get_cpu_capability()` says only "AVX512" on such a CPU, so ask torch.cpu's
+    feature probes (private, hence the guards: an unknown answer means no).
+    """
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except (AttributeError, RuntimeError):
+            continue
+    return False
+
+
+# On CPU, bf16 pays only for matrices this large (both sides). Measured, one thread, 5 steps: at 16 x 48
+# bf16 takes 4x the fp32 time (oneDNN's per-call setup), at 64 x 64 they are even, from 128 x 128 on bf16
+# is 2x faster. Under load it is worse for small ones: oneDNN splits even a tiny bf16 matmul over every
+# thread, and waiting for a descheduled thread made a 16 x 48 iteration take 120 ms instead of 0.4 ms.
+CPU_BF16_MIN_DIM = 128
+
+
+def _ns_dtype(name: str, device: torch.device, shape: tuple[int, ...] = ()) -> torch.dtype:
     if name == "auto":
         # bf16 matmuls are what the recipe runs on GPUs (fast, and precise enough for an update
-        # direction); on CPU bf16 matmul is slow and gives nothing back, so use fp32 there.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # direction). On a CPU with native bf16 matmul (AVX512-BF16 / AMX) it halves the iteration's
+        # time, which is ~20% of a step of a 10M-param model at 4,096 tokens per step (BENCHMARKS.md
+        # section 2); on other CPUs bf16 is emulated and slow, and small matrices are faster in fp32.
+        if device.type == "cuda":
+            return torch.bfloat16
+        if device.type == "cpu" and min(shape, default=0) >= CPU_BF16_MIN_DIM and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
@@ -82,7 +121,8 @@ class Muon(torch.optim.Optimizer):
     removes, so the update is the same. The gradient itself is left untouched (no in-place lerp on .grad),
     so gradient-norm logging after the step still sees the real gradient.
 
-    `ns_dtype`: "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16" or "float32". It is a string, not
+    `ns_dtype`: "auto" (bfloat16 on CUDA, and on CPUs with native bf16 matmul for matrices of at least
+    CPU_BF16_MIN_DIM rows and columns; float32 elsewhere), "bfloat16" or "float32". It is a string, not
     a torch.dtype, so that the param groups (saved in state_dict) stay plain data.
     """
 
@@ -148,7 +188,7 @@ class Muon(torch.optim.Optimizer):
             for (shape, _, device), items in buckets.items():
                 rows, cols = shape
                 stacked = torch.stack([m2d for _, m2d in items])  # (k, rows, cols)
-                dtype = _ns_dtype(group["ns_dtype"], device)
+                dtype = _ns_dtype(group["ns_dtype"], device, shape)
                 updates = zeropower_via_newtonschulz5(stacked, group["ns_steps"], dtype)
                 # Orthogonal matrices have RMS entry sqrt(1/max(r, c)); this factor makes tall matrices
                 # (e.g. an MLP up-projection's (4d, d) weight) move as much per entry as wide ones.

@@ -57,7 +57,7 @@ class OptimConfig:
     momentum: float = 0.95  # Muon; see schedule.muon_momentum for the 0.85 -> 0.95 warmup
     nesterov: bool = True
     ns_steps: int = 5
-    ns_dtype: str = "auto"  # Newton-Schulz dtype: bf16 on CUDA, fp32 elsewhere
+    ns_dtype: str = "auto"  # Newton-Schulz dtype: bf16 on CUDA and bf16-capable CPUs, else fp32 (muon.py)
     matrix_weight_decay: float = 0.0  # decoupled, Muon groups only
     embedding_lr: float = 0.2  # AdamW, token (and position) embeddings
     head_lr: float = 0.004  # AdamW, output head ("unembedding")

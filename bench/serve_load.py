@@ -353,36 +353,42 @@ def summarize(results: list[RequestResult], wall: float) -> dict:
     }
 
 
-def thread_times(pid: int) -> dict[int, tuple[float, float]]:
-    """(CPU seconds, seconds runnable but waiting for a CPU) of each thread of `pid`, by thread id, from
+def thread_times(pid: int, children: bool = False) -> dict[int, tuple[float, float]]:
+    """(CPU seconds, seconds runnable but waiting for a CPU) of each thread of `pid`, and with `children`
+    of its child processes too (`muse serve`'s engine process), by thread id, from
     /proc/PID/task/TID/schedstat; {} where /proc is missing."""
     out = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             cpu_ns, wait_ns = (task / "schedstat").read_text().split()[:2]
+            kids = (task / "children").read_text().split() if children else []
         except (OSError, ValueError):  # the thread ended meanwhile, or no schedstats in this kernel
             continue
         out[int(task.name)] = (int(cpu_ns) / 1e9, int(wait_ns) / 1e9)
+        for kid in kids:
+            out.update(thread_times(int(kid), children=True))
     return out
 
 
 class CpuMeter:
-    """Where the threads of process `pid` spent a run, as fractions of its wall time.
+    """Where the threads of process `pid` (and with `children`, of its child processes: the engine
+    process of `muse serve`) spent a run, as fractions of its wall time.
 
     "main": the main thread's CPU (the server's event loop, i.e. the HTTP layer; or engine-direct's
     consumers); "other": every other thread's CPU (the engine's loop thread doing schedule -> execute
-    -> update, intra-op workers with more than one torch thread, the ledger writer); "engine": the
-    busiest other thread (the engine's loop thread) and "engine_runq" the time it was runnable but
+    -> update, in the server's engine process by default; intra-op workers with more than one torch
+    thread; the engine process's reader thread and the ledger writer); "engine": the busiest other
+    thread (the engine's loop thread) and "engine_runq" the time it was runnable but
     waiting for a CPU. The rest of the engine thread's time it was blocked: waiting for the GIL, or
     idle with no request to run.
     """
 
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.t0, self.start = time.perf_counter(), thread_times(pid)
+    def __init__(self, pid: int, children: bool = False):
+        self.pid, self.children = pid, children
+        self.t0, self.start = time.perf_counter(), thread_times(pid, children)
 
     def stop(self) -> dict[str, float]:
-        end, wall = thread_times(self.pid), time.perf_counter() - self.t0
+        end, wall = thread_times(self.pid, self.children), time.perf_counter() - self.t0
         used = {tid: (cpu - self.start.get(tid, (0.0, 0.0))[0], wait - self.start.get(tid, (0.0, 0.0))[1])
                 for tid, (cpu, wait) in end.items()}
         main = used.pop(self.pid, (0.0, 0.0))
@@ -509,7 +515,7 @@ async def _run(cfg: LoadConfig, workdir: Path, log) -> dict:
                 if cfg.warmup:
                     warm = await one_wave(lambda p: http_request(http, url, headers, p, 4), c, prompt("warm-h"))
                     sent += len(warm)
-                meter, server_meter = CpuMeter(os.getpid()), CpuMeter(server.proc.pid)
+                meter, server_meter = CpuMeter(os.getpid()), CpuMeter(server.proc.pid, children=True)
                 http_results, http_wall = await closed_loop(http_send, c, cfg.duration, prompt("run"))
                 client_cpu, server_cpu = meter.stop(), server_meter.stop()
                 sent += len(http_results)

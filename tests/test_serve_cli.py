@@ -116,6 +116,24 @@ def test_sigterm_drains_and_a_restart_keeps_keys_and_ledger(checkpoint, tmp_path
         assert httpx.get(url + "/admin/keys", headers=auth).status_code == 401
         keys = httpx.get(url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
         assert [k["partner"] for k in keys] == ["acme"] and key not in json.dumps(keys)
+
+        # a client that leaves mid-stream: the engine (its own process) aborts the request and frees its
+        # blocks; the ledger gets an "aborted" row with the tokens generated so far
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 100, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=30) as resp:
+            lines = resp.iter_lines()
+            assert all(next(lines) is not None for _ in range(6))
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        deadline = time.monotonic() + 30
+        while True:
+            statuses = httpx.get(url + "/admin/usage", headers=admin).json()["data"][0]["statuses"]
+            metrics = httpx.get(url + "/metrics", headers=admin).text
+            free = [line for line in metrics.splitlines() if line.startswith(("muse_kv_cache_free_blocks",
+                                                                              "muse_kv_cache_blocks"))]
+            if statuses.get("aborted") == 1 and len({line.split()[-1] for line in free}) == 1:
+                break
+            assert time.monotonic() < deadline, (statuses, free)
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)

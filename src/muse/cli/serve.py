@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, auto (default)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences each engine generates at once")
     p.add_argument("--max-model-len", type=int, help="context per request (default: the model's)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=os.name == "posix",
+                   help="run each engine in a process of its own (default on POSIX), so that HTTP work and the "
+                        "engine's Python code use two cores instead of sharing one GIL; --no-engine-process "
+                        "runs it in a thread of the server")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--max-tokens", type=int, help="cap on a request's max_tokens (default: the context)")
     p.add_argument("--max-n", type=int, default=16, help="cap on n")
@@ -99,6 +103,7 @@ def run(args) -> int:
     from muse.common.device import pick_device
     from muse.common.logging import get_logger
     from muse.infer.engine import Engine, EngineConfig
+    from muse.infer.engine_process import EngineSpec
     from muse.server.app import ServedModel, ServerConfig, create_app
     from muse.server.store import Store, default_db_path
 
@@ -112,10 +117,14 @@ def run(args) -> int:
     served = []
     for name, path in pairs:
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
-        engine = Engine.from_checkpoint(path, cfg, device=device, stages=STAGES)
-        served.append(ServedModel.from_engine(name, engine))
-        log.info("model %s: %s on %s, context %d, %d KV blocks", name, path, device, engine.max_model_len,
-                 engine.num_blocks)
+        if args.engine_process:
+            served.append(ServedModel.from_spec(name, EngineSpec(str(path), cfg, device=str(device), stages=STAGES)))
+            engine = served[-1].client
+        else:
+            engine = Engine.from_checkpoint(path, cfg, device=device, stages=STAGES)
+            served.append(ServedModel.from_engine(name, engine))
+        log.info("model %s: %s on %s, context %d, %d KV blocks%s", name, path, device, engine.max_model_len,
+                 engine.num_blocks, " (engine process)" if args.engine_process else "")
     config = ServerConfig(admin_key=admin_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                           max_n=args.max_n, max_logprobs=args.max_logprobs, max_running=args.max_running,
                           max_waiting=args.max_waiting, shutdown_grace_s=args.grace)

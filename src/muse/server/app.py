@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from muse.common.errors import MuseError, ResourceError, UsageError
 from muse.common.logging import get_logger
 from muse.infer.engine import Engine, EngineClient, EngineDeadError, RequestOutput
+from muse.infer.engine_process import EngineProcessClient, EngineSpec
 from muse.infer.sampler import TokenLogprob
 from muse.infer.sampling_params import SamplingParams
 from muse.server import keys as keyfmt
@@ -76,16 +77,27 @@ class ServerConfig:
 @dataclass
 class ServedModel:
     name: str
-    client: EngineClient
+    client: EngineClient | EngineProcessClient
     tokenizer: Tokenizer
     max_model_len: int
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
     def from_engine(cls, name: str, engine: Engine) -> ServedModel:
+        """The engine's loop in a thread of this process (tests, notebooks, library use)."""
         if engine.tokenizer is None:
             raise UsageError(f"model {name}: serving needs a tokenizer; the checkpoint has none")
         return cls(name, EngineClient(engine), engine.tokenizer, engine.max_model_len)
+
+    @classmethod
+    def from_spec(cls, name: str, spec: EngineSpec) -> ServedModel:
+        """The engine in a process of its own (`muse serve`'s default): the event loop and the engine's
+        Python code then run on two cores instead of taking turns on one GIL (engine_process.py)."""
+        client = EngineProcessClient(spec)
+        if client.tokenizer is None:
+            client.close()
+            raise UsageError(f"model {name}: serving needs a tokenizer; the checkpoint has none")
+        return cls(name, client, client.tokenizer, client.max_model_len)
 
 
 # ---- responses ----------------------------------------------------------------------------------------

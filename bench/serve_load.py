@@ -124,6 +124,7 @@ class LoadConfig:
     seed: int = 0
     warmup: bool = True                   # one short wave per level and mode before timing
     same_session: bool = False            # run the server in the bench's session (shares its CPU budget)
+    engine_process: bool = True           # `muse serve`'s default; False: --no-engine-process (engine thread)
     profile_server: str | None = None     # run the server under cProfile, writing here at shutdown
     server_timeout: float = 120.0         # seconds to wait for /health
 
@@ -174,7 +175,7 @@ class ServerProcess:
                else ["-m", "muse"])
         cmd = [sys.executable, *run, "serve", str(ckpt), "--name", MODEL_NAME, "--db", str(db),
                "--port", str(self.port), "--device", cfg.device, "--max-num-seqs", str(max_num_seqs(cfg)),
-               "--log-level", "warning", "--grace", "5"]
+               "--log-level", "warning", "--grace", "5", "--engine-process" if cfg.engine_process else "--no-engine-process"]
         self._log = open(self.log_path, "wb")
         # its own session, unless asked otherwise: see "CPU budget" in the module docstring
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -589,7 +590,8 @@ def markdown(report: dict, argv: list[str]) -> str:
              f"max_num_seqs {cfg['max_num_seqs'] or max(cfg['concurrency'])}, {report['num_blocks']} KV blocks; "
              f"prompts {cfg['prompt_len']} random tokens, max_tokens {cfg['max_tokens']}, greedy, ignore_eos; "
              f"{cfg['duration']:g} s closed loop per level and mode; server in "
-             f"{'the bench' if cfg['same_session'] else 'its own'} session.", "",
+             f"{'the bench' if cfg['same_session'] else 'its own'} session, its engine "
+             f"{'in a process of its own' if cfg.get('engine_process', True) else 'in a thread (--no-engine-process)'}.", "",
              "| streams | requests | HTTP tok/s | engine-direct tok/s | HTTP / engine | TTFT p50/p90/p99 ms "
              "| TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms | errors |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -655,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--same-session", action="store_true",
                    help="keep the server in the bench's session (one CPU budget for server and clients)")
+    p.add_argument("--no-engine-process", dest="engine_process", action="store_false",
+                   help="serve with the engine in a thread of the server (muse serve --no-engine-process)")
     p.add_argument("--profile-server", metavar="PATH", help="profile the server's main thread (the event loop, "
                    "i.e. the HTTP layer) with cProfile on a CPU-time clock and write the stats here")
     p.add_argument("--json-out", metavar="PATH", help="write the whole report as JSON")

@@ -56,3 +56,25 @@ def tiny_run(tiny_run_template, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run_template, run)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny llama (2 layers, width 64, GQA, max_seq_len 128) with a BPE tokenizer of 300 tokens:
+    the run directory `tiny` whose base stage holds it, for tests that load checkpoints by path (servers,
+    engine processes). Don't write into it."""
+    import torch
+
+    from muse.checkpoint import save_checkpoint
+    from muse.model import ModelConfig, build_model
+    from muse.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    words = "the king queen lord lady love night day sword crown heart fair speak hear come go".split()
+    tok = train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
+                                    max_seq_len=128, init_std=0.1))
+    root = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(root / "tiny" / "base", 1, model=model, tokenizer=tok)
+    return root / "tiny"

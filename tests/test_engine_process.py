@@ -22,22 +22,8 @@ CONFIG = EngineConfig(max_num_seqs=4, num_blocks=48, block_size=8)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import torch
-
-    from muse.checkpoint import save_checkpoint
-    from muse.model import ModelConfig, build_model
-    from muse.tokenizer import train_bpe
-
-    rng = random.Random(0)
-    words = "the king queen lord lady love night day sword crown heart fair speak hear come go".split()
-    tok = train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
-                                    max_seq_len=128, init_std=0.1))
-    root = tmp_path_factory.mktemp("proc")
-    save_checkpoint(root / "tiny" / "base", 1, model=model, tokenizer=tok)
-    return root / "tiny"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

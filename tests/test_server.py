@@ -456,6 +456,34 @@ def test_disconnect_mid_stream_aborts_and_is_recorded(server):
     assert_blocks_free(server)
 
 
+def test_a_client_that_hangs_up_on_a_plain_request_aborts_it(server, monkeypatch):
+    """Not streamed: the client times out and closes the connection; generation stops within a step or
+    so, the ledger gets an "aborted" row with the tokens made so far, every block is free."""
+    key = new_key(server)
+    key_id = server.store.authenticate(key).key_id
+    runner = server.engine().runner
+    execute, steps = runner.execute, []
+
+    def slow(so):  # ~10 ms a step: 120 tokens take > 1 s, the client waits 0.3 s
+        steps.append(1)
+        time.sleep(0.01)
+        return execute(so)
+    monkeypatch.setattr(runner, "execute", slow)
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                   timeout=httpx.Timeout(0.3, connect=5))
+    deadline = time.monotonic() + 10
+    while not (rows := server.store.usage(key_id=key_id)):
+        assert time.monotonic() < deadline, "no ledger row for the abandoned request"
+        time.sleep(0.01)
+        server.store.flush()
+    (row,) = rows
+    assert row.status == "aborted" and 0 < row.completion_tokens < 120 and row.prompt_tokens == 3
+    assert len(steps) < 110  # it stopped long before the end
+    assert_blocks_free(server)
+
+
 def test_503_while_draining_and_when_the_queue_is_full(server, tok, tmp_path):
     key = new_key(server)
     c = server.client(key)

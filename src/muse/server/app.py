@@ -612,8 +612,23 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={**headers_for(request, job), "cache-control": "no-cache"})
 
-    async def wait_job(job: Job) -> None:
+    async def client_left(request: Request) -> None:
+        """Returns when the client disconnects. The body is already read, so the next ASGI message is
+        http.disconnect (servers send it when the connection drops; test transports after the response)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def wait_job(job: Job, request: Request) -> None:
+        # A client that hangs up (a timeout, a killed script) stops its generation within one engine
+        # step, as a stream's does, instead of the engine finishing work nobody will read.
+        watch = asyncio.create_task(client_left(request))
         try:
+            await asyncio.wait((job.task, watch), return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() and not job.task.done():
+                job.cancel()
+                await job.done.wait()
+                raise ApiError(499, "The client closed the connection before the response; the request was "
+                               "aborted.", type="invalid_request_error", code="client_closed_request")
             await asyncio.shield(job.task)
         except asyncio.CancelledError:
             if job.task.cancelled() and not asyncio.current_task().cancelling():
@@ -629,6 +644,8 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
         except EngineDeadError as e:
             raise ApiError(503, f"The engine stopped while generating: {e}", type="server_error",
                            code="engine_dead") from None
+        finally:
+            watch.cancel()
         await job.done.wait()
 
     # ---- routes ----
@@ -760,7 +777,7 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
             include = bool(body.stream_options and body.stream_options.include_usage)
             return await stream_response(request, job, make_chunk, finish_chunk, include, usage_chunk)
 
-        await wait_job(job)
+        await wait_job(job, request)
         choices = []
         for c in job.choices:
             text = c.text.text
@@ -835,7 +852,7 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
             include = bool(body.stream_options and body.stream_options.include_usage)
             return await stream_response(request, job, make_chunk, finish_chunk, include, usage_chunk)
 
-        await wait_job(job)
+        await wait_job(job, request)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text, "refusal": None},
                     "logprobs": logprobs_obj(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
                    for c in job.choices]

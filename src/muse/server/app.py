@@ -3,16 +3,12 @@
     app = create_app([ServedModel.from_engine("muse-base", engine)], Store(path), ServerConfig())
     uvicorn.run(app)                 # `muse serve` does this, with graceful SIGTERM handling
 
-The app depends on `EngineClient`s, never on models. One HTTP request is one `Job`: it is checked
-(key, body, model access, context length), then passes the gates in a fixed order - rate limits
-(requests and tokens per minute, reserving prompt + max_tokens * n), the token quota (reserved, so
-concurrent requests can never overspend), the bounded admission queue - and then runs one engine
-request per choice (prompts x n). Every engine request reports its final output through
-`on_finish` on the engine thread, including when the client went away and the request was aborted,
-so the job's accounting - settling the reservations to what was really generated, the one ledger
-row, the metrics - happens exactly once, whatever path the request took. Streams are fed by a task
-the job owns, not by the response body, so a client that never reads a byte still gets its work
-accounted for.
+The app depends on engine clients (`EngineClient`, `EngineProcessClient`), never on models. One
+HTTP generation request is one `Job` (jobs.py): it is checked here (key, body, model access, context
+length), then passes the gates in a fixed order - rate limits (requests and tokens per minute,
+reserving prompt + max_tokens * n), the token quota (reserved, so concurrent requests can never
+overspend), the bounded admission queue - and then runs one engine request per choice; the job
+accounts for it exactly once, whatever path it took. Responses (JSON or SSE) are rendered here.
 
 Error contract: every failure is `{"error": {"message", "type", "param", "code"}}` with OpenAI's
 status codes (see docs/serving.md); nothing a client sends produces a 500 or a 422, and no message
@@ -25,7 +21,6 @@ import asyncio
 import hmac
 import json
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -35,13 +30,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from muse.common.errors import MuseError, ResourceError, UsageError
+from muse.common.errors import MuseError, UsageError
 from muse.common.logging import get_logger
-from muse.infer.engine import Engine, EngineClient, EngineDeadError, RequestOutput
+from muse.infer.engine import Engine, EngineClient, EngineDeadError
 from muse.infer.engine_process import EngineProcessClient, EngineSpec
 from muse.infer.sampler import TokenLogprob
 from muse.infer.sampling_params import SamplingParams
 from muse.server import keys as keyfmt
+from muse.server.jobs import Choice, Job, job_usage
 from muse.server.limits import AdmissionQueue, LimitError, QuotaManager, RateLimiter
 from muse.server.metrics import CONTENT_TYPE, ServerMetrics
 from muse.server.protocol import (
@@ -51,9 +47,10 @@ from muse.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     invalid,
+    validation_error,
 )
 from muse.server.store import ApiKey, AuthError, Store, UsageRecord
-from muse.server.text import TextStream, encode_prompt, token_text
+from muse.server.text import TextStream, chat_logprobs, completion_logprobs, encode_prompt
 from muse.tokenizer import Tokenizer, render_prompt
 from muse.tokenizer.special import END_ID, EOT, EOT_ID, PAD, SPECIAL_IDS
 
@@ -112,30 +109,6 @@ def _limit_error(e: LimitError) -> ApiError:
     return ApiError(e.status_code, str(e), type=e.error_type, code=e.code, headers=e.headers)
 
 
-def _validation_error(e: ValidationError) -> ApiError:
-    err = e.errors()[0]
-    # pydantic names union branches in the location ("str", "list[str]"); the client's field is what matters
-    param = ""
-    for p in err.get("loc", ()):
-        if isinstance(p, int):
-            param += f"[{p}]"
-        elif not (p.startswith(("function-", "constrained-")) or p[:1].islower() and ("[" in p or p in _TYPES)):
-            param += ("." if param else "") + p
-    param = param or None
-    if err.get("type") == "extra_forbidden":
-        return invalid(f"Unrecognized request argument supplied: {param}", param)
-    if err.get("type") == "missing":
-        return invalid(f"Missing required parameter: '{param}'.", param)
-    msg = err.get("msg", "invalid value")
-    return invalid(f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.", param)
-
-
-_TYPES = ("str", "int", "bool", "float", "dict", "list", "none")
-
-
-def _usage(prompt: int, completion: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(obj) -> bytes:
@@ -143,193 +116,6 @@ def _sse(obj) -> bytes:
 
 
 _DONE = b"data: [DONE]\n\n"
-
-
-# ---- one HTTP request's generation --------------------------------------------------------------------
-
-
-@dataclass
-class Choice:
-    """One engine request: a prompt and one of its n samples."""
-
-    index: int
-    prompt: list[int]
-    params: SamplingParams
-    text: TextStream
-    rid: str = ""
-    started: bool = False
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    stopped_by_string: bool = False
-    cached_tokens: int = 0
-
-
-class Job:
-    """One generation request from admission to its ledger row. See the module docstring."""
-
-    def __init__(self, state: AppState, *, key: ApiKey, model: ServedModel, endpoint: str, request_id: str,
-                 choices: list[Choice], num_prompt_tokens: int, grant, reservation, arrived: float,
-                 arrived_wall: float):
-        self.state, self.key, self.model, self.endpoint = state, key, model, endpoint
-        self.request_id, self.choices = request_id, choices
-        self.num_prompt_tokens = num_prompt_tokens
-        self.grant, self.reservation = grant, reservation
-        self.arrived, self.arrived_wall = arrived, arrived_wall
-        self.events: asyncio.Queue = asyncio.Queue()    # (choice, delta_text, new_ids, logprobs) | Exception | None
-        self.ttft: float | None = None
-        self.error: BaseException | None = None
-        self.client_gone = False
-        self._lock = threading.Lock()
-        self._finals: dict[int, object] = {}             # choice index -> RequestOutput | exception
-        self._sealed = False
-        self._accounted = False
-        self.task: asyncio.Task | None = None
-        self.done = asyncio.Event()
-        self.usage: dict | None = None                   # set by the accounting, for the response
-        self._itl = state.metrics.itl.labels(model.name)
-        self.loop = asyncio.get_running_loop()
-
-    # -- accounting (any thread) --
-    def _on_finish(self, index: int):
-        def cb(result) -> None:
-            with self._lock:
-                self._finals[index] = result
-            self._maybe_account()
-        return cb
-
-    def seal(self) -> None:
-        """No more engine requests will start; account once the started ones have finished."""
-        with self._lock:
-            self._sealed = True
-        self._maybe_account()
-
-    def _maybe_account(self) -> None:
-        with self._lock:
-            if self._accounted or not self._sealed:
-                return
-            if any(c.started and c.index not in self._finals for c in self.choices):
-                return
-            self._accounted = True
-            finals = dict(self._finals)
-        try:
-            self._account(finals)
-        except Exception:  # accounting must never take a request (or the engine thread) down
-            log.exception("accounting of request %s failed", self.request_id)
-
-    def _account(self, finals: dict) -> None:
-        # Tokens the engine computed are what is billed: a stop string cuts the text, not the bill
-        # for the (at most one step of) tokens generated before the engine heard of it.
-        completion = cached = 0
-        errors = []
-        for out in finals.values():
-            if isinstance(out, RequestOutput):
-                completion += sum(len(c.token_ids) for c in out.outputs)
-                cached += out.num_cached_tokens
-            else:
-                errors.append(out)
-        ran = [out for out in finals.values() if isinstance(out, RequestOutput)]
-        prompt = self.num_prompt_tokens if ran else 0
-        total = prompt + completion
-        self.usage = _usage(prompt, completion, cached)
-        self.grant.settle(total)
-        if self.reservation is not None:
-            self.reservation.settle(total)
-        err = self.error or (errors[0] if errors else None)
-        if err is not None:
-            status = "error"
-            http_status = (err.status if isinstance(err, ApiError) else 503 if isinstance(err, EngineDeadError)
-                           else 400 if isinstance(err, MuseError) else 500)
-        elif self.client_gone or any(c.finish_reason == "abort" for c in self.choices):
-            status, http_status = "aborted", 200
-        else:
-            status, http_status = "ok", 200
-        finish = next((c.finish_reason for c in self.choices if c.finish_reason), None)
-        now = time.monotonic()
-        self.state.store.record(UsageRecord(
-            request_id=self.request_id, key_id=self.key.key_id, partner=self.key.partner, model=self.model.name,
-            endpoint=self.endpoint, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
-            status=status, http_status=http_status, finish_reason=finish, created_at=self.arrived_wall,
-            latency_s=now - self.arrived, ttft_s=self.ttft))
-        m = self.state.metrics
-        m.prompt_tokens.labels(self.model.name).inc(prompt)
-        m.completion_tokens.labels(self.model.name).inc(completion)
-        m.latency.labels(self.model.name).observe(now - self.arrived)
-        if self.ttft is not None:
-            m.ttft.labels(self.model.name).observe(self.ttft)
-        self.state.jobs.discard(self)
-        try:
-            self.loop.call_soon_threadsafe(self.done.set)
-        except RuntimeError:  # the event loop is gone (interpreter shutdown): nobody waits
-            pass
-
-    # -- running (event loop) --
-    def start(self) -> None:
-        self.state.jobs.add(self)
-        self.task = asyncio.create_task(self._run(), name=f"job-{self.request_id}")
-        # a streamed job's failure reaches the client as an event; mark it retrieved for asyncio
-        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def _run(self) -> None:
-        tasks = [asyncio.create_task(self._run_choice(c)) for c in self.choices]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException as e:
-            # Stop every sibling before sealing: a choice must not start after the accounting ran.
-            # A cancelled choice's stream aborts its engine request on the way out.
-            for t in tasks:
-                t.cancel()
-            await asyncio.wait(tasks)
-            if not isinstance(e, asyncio.CancelledError):
-                self.error = self.error or e
-                self.events.put_nowait(e)
-            raise
-        finally:
-            self.state.admission.release()
-            self.seal()
-            self.events.put_nowait(None)
-
-    async def _run_choice(self, c: Choice) -> None:
-        c.rid = f"{self.request_id}-{c.index}"
-        stream = self.model.client.add_request(c.prompt, c.params, c.rid, on_finish=self._on_finish(c.index))
-        c.started = True  # no await since the stream began: the engine has the request (or refused it)
-        last = time.monotonic()
-        try:
-            async for out in stream:
-                o = out.outputs[0]
-                if out.prompt_logprobs and c.prompt_logprobs is None:
-                    c.prompt_logprobs = list(out.prompt_logprobs)
-                c.cached_tokens = out.num_cached_tokens
-                new = [] if c.stopped_by_string else list(o.new_token_ids)
-                lps = []
-                if new and o.logprobs is not None:
-                    lps = o.logprobs[len(o.logprobs) - len(new):]
-                now = time.monotonic()
-                if new:
-                    if self.ttft is None:
-                        self.ttft = now - self.arrived
-                    else:
-                        self._itl.observe(now - last)
-                    last = now
-                    c.token_ids.extend(new)
-                    c.logprobs.extend(lps)
-                delta = c.text.push(new)
-                if c.text.stopped and not c.stopped_by_string:
-                    c.stopped_by_string = True
-                    self.model.client.abort(c.rid)   # its final output still comes through this stream
-                if out.finished or (c.stopped_by_string and o.finish_reason):
-                    delta += c.text.finish()
-                    c.finish_reason = "stop" if c.stopped_by_string else o.finish_reason
-                await self.events.put((c, delta, new, lps))
-        except (UsageError, ResourceError) as e:
-            raise invalid(str(e), "prompt") from None
-
-    def cancel(self) -> None:
-        """The client went away: abort everything (accounting still happens, as "aborted")."""
-        self.client_gone = True
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
 
 
 # ---- the app ------------------------------------------------------------------------------------------
@@ -462,7 +248,7 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            raise _validation_error(e) from None
+            raise validation_error(e) from None
 
     def find_model(key: ApiKey, name: str | None, *, param: str = "model") -> ServedModel:
         if name is None:
@@ -715,36 +501,12 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
             raise
         created = int(time.time())
 
-        def logprobs_obj(c: Choice, tokens: Sequence[int], lps: Sequence[TokenLogprob], echo_prompt: bool,
-                         offset: int):
+        def logprobs_obj(c: Choice, tokens: Sequence[int], lps: Sequence[TokenLogprob], echo_prompt: bool):
             if body.logprobs is None:
                 return None
-            toks, tlp, top, offsets = [], [], [], []
-            pos = offset   # offsets index the returned text, where special tokens take no room
-
-            def width(t: int) -> int:
-                return len(tok.token_bytes(t).decode("utf-8", errors="replace"))
-
             if echo_prompt:
-                plp = c.prompt_logprobs or []
-                for k, t in enumerate(c.prompt):
-                    toks.append(token_text(tok, t))
-                    offsets.append(pos)
-                    pos += width(t)
-                    if k == 0 or k - 1 >= len(plp):
-                        tlp.append(None)
-                        top.append(None)
-                    else:
-                        tl = plp[k - 1]
-                        tlp.append(tl.logprob)
-                        top.append({token_text(tok, i): lv for i, lv in tl.top})
-            for t, tl in zip(tokens, lps):
-                toks.append(token_text(tok, t))
-                offsets.append(pos)
-                pos += width(t)
-                tlp.append(tl.logprob)
-                top.append({token_text(tok, i): lv for i, lv in tl.top})
-            return {"tokens": toks, "token_logprobs": tlp, "top_logprobs": top, "text_offset": offsets}
+                return completion_logprobs(tok, tokens, lps, prompt=c.prompt, prompt_lps=c.prompt_logprobs or ())
+            return completion_logprobs(tok, tokens, lps)
 
         def prompt_text(c: Choice) -> str:
             return texts[c.index // body.n]
@@ -762,7 +524,7 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
                     text = prompt_text(c) + text
                 return {"id": job.request_id, "object": "text_completion", "created": created, "model": served.name,
                         "choices": [{"index": c.index, "text": text,
-                                     "logprobs": logprobs_obj(c, new, lps, echo, 0),
+                                     "logprobs": logprobs_obj(c, new, lps, echo),
                                      "finish_reason": None}]}
 
             def finish_chunk(c: Choice):
@@ -784,7 +546,7 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
             if body.echo:
                 text = prompt_text(c) + text
             choices.append({"index": c.index, "text": text,
-                            "logprobs": logprobs_obj(c, c.token_ids, c.logprobs, body.echo, 0),
+                            "logprobs": logprobs_obj(c, c.token_ids, c.logprobs, body.echo),
                             "finish_reason": c.finish_reason})
         state.metrics.requests.labels(request.url.path, "200").inc()
         return JSONResponse({"id": job.request_id, "object": "text_completion", "created": created,
@@ -816,20 +578,8 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
             raise
         created = int(time.time())
 
-        def lp_entry(t: int, logprob: float) -> dict:
-            return {"token": token_text(tok, t), "logprob": logprob, "bytes": list(tok.token_bytes(t))}
-
         def logprobs_obj(tokens: Sequence[int], lps: Sequence[TokenLogprob]):
-            if not body.logprobs:
-                return None
-            content = []
-            for t, tl in zip(tokens, lps):
-                if t == END_ID:    # the turn's end is not content
-                    continue
-                e = lp_entry(t, tl.logprob)
-                e["top_logprobs"] = [lp_entry(i, v) for i, v in tl.top[: body.top_logprobs or 0]]
-                content.append(e)
-            return {"content": content, "refusal": None}
+            return chat_logprobs(tok, tokens, lps, body.top_logprobs or 0) if body.logprobs else None
 
         def chunk(c: Choice, delta: dict, lps_obj, finish):
             return {"id": job.request_id, "object": "chat.completion.chunk", "created": created,
@@ -915,11 +665,6 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
         return {"object": "list", "data": state.store.usage_summary(partner=partner, since=since)}
 
     return app
-
-
-def job_usage(job: Job) -> dict:
-    """The usage the ledger recorded (set once the job is accounted; jobs are awaited before this)."""
-    return job.usage or _usage(0, 0, 0)
 
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -18,7 +18,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 # ---- errors -------------------------------------------------------------------------------------------
 
@@ -38,6 +47,28 @@ class ApiError(Exception):
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def validation_error(e: ValidationError) -> ApiError:
+    """pydantic's first complaint as OpenAI words it (400, the client's field name as `param`)."""
+    err = e.errors()[0]
+    # pydantic names union branches in the location ("str", "list[str]"); the client's field is what matters
+    param = ""
+    for p in err.get("loc", ()):
+        if isinstance(p, int):
+            param += f"[{p}]"
+        elif not (p.startswith(("function-", "constrained-")) or p[:1].islower() and ("[" in p or p in _TYPES)):
+            param += ("." if param else "") + p
+    param = param or None
+    if err.get("type") == "extra_forbidden":
+        return invalid(f"Unrecognized request argument supplied: {param}", param)
+    if err.get("type") == "missing":
+        return invalid(f"Missing required parameter: '{param}'.", param)
+    msg = err.get("msg", "invalid value")
+    return invalid(f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.", param)
+
+
+_TYPES = ("str", "int", "bool", "float", "dict", "list", "none")
 
 
 # ---- shared fields ------------------------------------------------------------------------------------

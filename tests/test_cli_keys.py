@@ -11,7 +11,8 @@ import pytest
 
 from muse.cli import main as cli_main
 from muse.server.keys import check_format
-from muse.server.store import AuthError, Store, UsageRecord
+from muse.server.records import UsageRecord
+from muse.server.store import AuthError, Store
 
 
 @pytest.fixture

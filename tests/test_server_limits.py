@@ -26,7 +26,7 @@ from muse.server.limits import (
 
 @dataclass(frozen=True)
 class Key:
-    """Mirrors the fields and method of store.ApiKey that limits.py reads."""
+    """Mirrors the fields and method of records.ApiKey that limits.py reads."""
 
     key_id: str = "key_a"
     rpm: int | None = None

@@ -11,18 +11,8 @@ import pytest
 
 from muse.common.errors import UsageError
 from muse.server import keys as K
-from muse.server.store import (
-    SCHEMA_VERSION,
-    ApiKey,
-    AuthError,
-    Store,
-    StoreError,
-    UsageRecord,
-    default_db_path,
-    parse_duration,
-    parse_utc,
-    utc_iso,
-)
+from muse.server.records import ApiKey, UsageRecord, parse_duration, parse_utc, utc_iso
+from muse.server.store import SCHEMA_VERSION, AuthError, Store, StoreError, default_db_path
 
 NOW = 1_750_000_000.0  # 2025-06-15T15:06:40Z
 BODY = "A" * 20 + "b-_9" * 5 + "xyz"  # a fixed 43-char body: deterministic typo tests

@@ -93,7 +93,7 @@ def _open(args, *, create: bool):
 
 
 def _expires(text: str | None, now: float) -> float | None:
-    from muse.server.store import parse_duration, parse_utc
+    from muse.server.records import parse_duration, parse_utc
 
     if text is None:
         return None

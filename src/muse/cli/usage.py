@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_when(text: str | None, flag: str, now: float) -> float | None:
-    from muse.server.store import parse_duration, parse_utc
+    from muse.server.records import parse_duration, parse_utc
 
     if text is None:
         return None
@@ -78,7 +78,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _write_csv(records) -> None:
-    from muse.server.store import utc_iso
+    from muse.server.records import utc_iso
 
     w = csv.writer(sys.stdout, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
@@ -90,7 +90,8 @@ def _write_csv(records) -> None:
 
 def run(args) -> int:
     from muse.common.errors import closest
-    from muse.server.store import Store, default_db_path, utc_iso
+    from muse.server.records import utc_iso
+    from muse.server.store import Store, default_db_path
 
     now = time.time()
     since = _parse_when(args.since, "--since", now)

@@ -49,7 +49,8 @@ from muse.server.protocol import (
     invalid,
     validation_error,
 )
-from muse.server.store import ApiKey, AuthError, Store, UsageRecord
+from muse.server.records import ApiKey, UsageRecord
+from muse.server.store import AuthError, Store
 from muse.server.text import TextStream, chat_logprobs, completion_logprobs, encode_prompt
 from muse.tokenizer import Tokenizer, render_prompt
 from muse.tokenizer.special import END_ID, EOT, EOT_ID, PAD, SPECIAL_IDS

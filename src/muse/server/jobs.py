@@ -25,7 +25,7 @@ from muse.infer.engine import EngineDeadError, RequestOutput
 from muse.infer.sampler import TokenLogprob
 from muse.infer.sampling_params import SamplingParams
 from muse.server.protocol import ApiError, invalid
-from muse.server.store import ApiKey, UsageRecord
+from muse.server.records import ApiKey, UsageRecord
 from muse.server.text import TextStream
 
 if TYPE_CHECKING:

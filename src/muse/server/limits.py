@@ -23,7 +23,7 @@ tokens}`) are only sent for a dimension the key limits: an unlimited dimension g
 Durations are written like OpenAI's (Go's): "250ms", "1s", "1.5s", "6m0s".
 
 This module knows nothing about HTTP, SQLite or the engine. A key is anything with `key_id`, `rpm`,
-`tpm`, `token_quota`, `period` and `period_start(now)` (store.ApiKey). Clocks are injectable:
+`tpm`, `token_quota`, `period` and `period_start(now)` (records.ApiKey). Clocks are injectable:
 the rate limiter uses a monotonic clock, quotas wall-clock epoch seconds (periods are calendar ones).
 """
 
@@ -45,7 +45,7 @@ from muse.common.logging import get_logger
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from muse.server.store import ApiKey
+    from muse.server.records import ApiKey
 
 log = get_logger("muse.server")
 

@@ -20,4 +20,7 @@ if [ -f bench/engine.py ]; then
   echo "== 4. engine throughput on the GPU (bf16)"
   timeout 90 python3 bench/engine.py --device cuda 2>&1 | grep -v Warning | tee "$OUT/engine.txt"
 fi
+echo "== 5. batch-1 decode of a ~1B bf16 model as a fraction of measured bandwidth (issue 5: >= 75%)"
+timeout 150 python3 bench/decode_bandwidth.py --device cuda --json-out "$OUT/decode_bw.json" 2>&1 | grep -v Warning \
+  | tee "$OUT/decode_bw.txt"
 echo "== done"

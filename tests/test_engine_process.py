@@ -197,3 +197,33 @@ def test_shutdown_stops_the_process_and_fails_what_runs(checkpoint):
 def test_a_checkpoint_that_cannot_load_is_the_error_of_the_constructor(tmp_path):
     with pytest.raises(CheckpointError):
         EngineProcessClient(EngineSpec(str(tmp_path / "missing"), CONFIG, threads=1))
+
+
+def test_the_engine_process_exits_when_its_parent_is_killed(checkpoint):
+    """No orphan holding a GPU: SIGKILL the owner and the child sees its command pipe close, and exits."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from muse.infer.engine import EngineConfig\n"
+            "from muse.infer.engine_process import EngineProcessClient, EngineSpec\n"
+            f"c = EngineProcessClient(EngineSpec({str(checkpoint)!r}, EngineConfig(num_blocks=16, block_size=8), threads=1))\n"
+            "print(c._proc.pid, flush=True)\n"
+            "sys.stdin.read()\n")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(owner.stdout.readline())
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+
+        def gone() -> bool:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return True
+            # a zombie (exited, not yet reaped by init) counts as gone
+            with open(f"/proc/{child}/stat") as f:
+                return f.read().split(") ")[-1].startswith("Z")
+        wait_until(gone)
+    finally:
+        owner.kill()

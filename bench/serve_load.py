@@ -414,6 +414,11 @@ def counter(m: dict[str, float], name: str) -> int:
     return int(m.get(name + "_total", m.get(name, -1)))
 
 
+async def server_steps(client: httpx.AsyncClient, server: ServerProcess, admin: dict) -> int:
+    """Engine steps the server's engine has run so far (/metrics)."""
+    return counter(parse_metrics((await client.get(server.url + "/metrics", headers=admin)).text), "muse_engine_steps")
+
+
 async def check_server(client: httpx.AsyncClient, server: ServerProcess, admin: dict, num_blocks: int,
                        timeout: float = 5.0) -> dict:
     """Idle server: every KV block free, ledger token sums == the engine's counters."""
@@ -508,17 +513,19 @@ async def _run(cfg: LoadConfig, workdir: Path, log) -> dict:
 
                 if cfg.warmup:  # one wave of short requests: allocator, attention shapes, connections
                     await one_wave(lambda p: engine_request(direct, p, short), c, prompt("warm-e"))
-                meter = CpuMeter(os.getpid())
+                meter, steps0 = CpuMeter(os.getpid()), direct.stats().num_steps
                 eng_results, eng_wall = await closed_loop(engine_send, c, cfg.duration, prompt("run"))
-                eng_cpu = meter.stop()
+                eng_cpu, eng_steps = meter.stop(), direct.stats().num_steps - steps0
                 eng = summarize(eng_results, eng_wall)
                 log(json.dumps({"mode": "engine-direct", "concurrency": c, **eng}))
                 if cfg.warmup:
                     warm = await one_wave(lambda p: http_request(http, url, headers, p, 4), c, prompt("warm-h"))
                     sent += len(warm)
+                steps0 = await server_steps(http, server, admin)
                 meter, server_meter = CpuMeter(os.getpid()), CpuMeter(server.proc.pid, children=True)
                 http_results, http_wall = await closed_loop(http_send, c, cfg.duration, prompt("run"))
                 client_cpu, server_cpu = meter.stop(), server_meter.stop()
+                http_steps = await server_steps(http, server, admin) - steps0
                 sent += len(http_results)
                 hs = summarize(http_results, http_wall)
                 log(json.dumps({"mode": "http", "concurrency": c, **hs}))
@@ -527,6 +534,8 @@ async def _run(cfg: LoadConfig, workdir: Path, log) -> dict:
                        "http": {"server_engine_threads": server_cpu["other"], "server_event_loop": server_cpu["main"],
                                 "engine_thread": server_cpu["engine"], "engine_thread_runq": server_cpu["engine_runq"],
                                 "clients": client_cpu["main"] + client_cpu["other"]}}
+                # engine steps each mode ran: output tokens per step says how full its batches were
+                hs["engine_steps"], eng["engine_steps"] = http_steps, eng_steps
                 rows.append({"concurrency": c, "http": hs, "engine": eng, "cpu_cores": cpu,
                              "ratio": hs["output_tok_s"] / eng["output_tok_s"] if eng["output_tok_s"] else 0.0})
                 level = await check_server(http, server, admin, num_blocks)
@@ -633,6 +642,12 @@ def markdown(report: dict, argv: list[str]) -> str:
             blocked = max(0.0, 1.0 - x["engine_thread"] - x["engine_thread_runq"])
             parts.append(f"{x['engine_thread']:.2f} / {x['engine_thread_runq']:.2f} / {blocked:.2f}")
         lines.append(f"| {r['concurrency']} | {parts[0]} | {parts[1]} |")
+    lines += ["", "Engine steps during the timed runs, and output tokens per step (how full the batches were):", "",
+              "| streams | engine-direct steps | tokens / step | HTTP steps | tokens / step |", "|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        e, h = r["engine"], r["http"]
+        lines.append(f"| {r['concurrency']} | {e['engine_steps']} | {e['output_tokens'] / max(e['engine_steps'], 1):.1f} "
+                     f"| {h['engine_steps']} | {h['output_tokens'] / max(h['engine_steps'], 1):.1f} |")
     lines += ["", "Checks:", ""]
     lines += [f"- {'PASS' if c['pass'] else 'FAIL'} {name}: {c['detail']}" for name, c in report["checks"].items()]
     return "\n".join(lines) + "\n"

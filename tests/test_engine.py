@@ -8,6 +8,8 @@ every engine run every KV block must be back in the pool and the scheduler's inv
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import random
 
@@ -15,11 +17,21 @@ import pytest
 import torch
 
 from muse.common.errors import ResourceError, UsageError
-from muse.infer.engine import LLM, Engine, EngineClient, EngineConfig, EngineDeadError
+from muse.infer.engine import (
+    LLM,
+    CompletionOutput,
+    Engine,
+    EngineClient,
+    EngineConfig,
+    EngineDeadError,
+    RequestOutput,
+    _Tracker,
+)
 from muse.infer.generate import generate
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan
 from muse.infer.sampler import sample as _general_sample
 from muse.infer.sampling_params import SamplingParams
+from muse.infer.scheduler import RequestDelta
 from muse.infer.spec_decode import SpeculativeConfig
 from muse.model import ModelConfig, build_model
 
@@ -341,6 +353,38 @@ def test_llm_generate_keeps_order_and_rejects_bad_prompts(model, workload):
     assert_all_blocks_free(llm.engine)
     with pytest.raises(UsageError, match="tokenizer"):
         llm.generate(["text"], SamplingParams())
+
+
+def test_tracker_snapshot_is_a_deep_copy_the_caller_may_keep():
+    # the snapshot is built field by field (no dataclasses.replace): it must equal a deep copy of
+    # the tracker's output, and stay equal to it while the tracker goes on
+    assert [f.name for f in dataclasses.fields(CompletionOutput)] == [
+        "index", "token_ids", "new_token_ids", "finish_reason", "stop_reason", "logprobs", "text"], \
+        "a new CompletionOutput field: copy it in _Tracker.snapshot, then update this list"
+    assert [f.name for f in dataclasses.fields(RequestOutput)] == [
+        "request_id", "prompt_token_ids", "outputs", "prompt_logprobs", "num_cached_tokens", "finished"], \
+        "a new RequestOutput field: copy it in _Tracker.snapshot, then update this list"
+    rng = random.Random(0)
+    t = _Tracker("r", [1, 2, 3], n=2, want_logprobs=True)
+    kept = []
+    for step in range(12):
+        for index in range(2):
+            last = step == 5 + 4 * index
+            if t.out.outputs[index].finished or (rng.random() < 0.3 and not last):
+                continue
+            toks = [rng.randrange(V) for _ in range(rng.randint(0, 3))]
+            t.apply(RequestDelta("r", toks, "stop" if last else None, None,
+                                 [("lp", step, x) for x in toks], [("plp", step)] if step < 2 else None,
+                                 "r", index, 3, 2 * step))
+        t.out.outputs[0].text = f"text {step}"
+        ref = copy.deepcopy(t.out)
+        snap = t.snapshot()
+        assert snap == ref
+        assert all(c.new_token_ids == [] for c in t.out.outputs)   # reset for the next step
+        kept.append((snap, copy.deepcopy(ref)))
+    assert t.out.finished
+    for snap, ref in kept:                                         # untouched by later steps
+        assert snap == ref
 
 
 def test_engine_client_streams_and_aborts(model, workload):

@@ -195,3 +195,89 @@ def test_check_invariants_catches_corruption():
     kv.pool.check_invariants(Counter({b: 1 for b in kv.block_ids("a")}))
     with pytest.raises(AssertionError):
         kv.pool.check_invariants(Counter())              # blocks referenced by nobody but not free
+
+
+def grow(kv, r, new_tokens):
+    """A decode step at a time: room for the last token, then it is computed and a token appended."""
+    for tok in new_tokens:
+        assert kv.allocate_slots(r, r.num_tokens - r.num_computed_tokens)
+        r.num_computed_tokens = r.num_tokens
+        r.append_output(tok)
+
+
+def test_decode_steps_register_every_block_that_fills_up():
+    # most decode steps take the fast path (no new block); the blocks they fill must still be cached
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    a = req("a", [1, 2, 3], max_tokens=20)
+    admit(kv, a)
+    grow(kv, a, range(10, 24))                           # 17 known tokens, 16 computed: 4 full blocks
+    assert kv.pool.num_cached_blocks == 4
+    b = req("b", list(a.all_token_ids) + [99])
+    assert kv.get_computed_blocks(b)[1] == 16
+    kv.check_invariants()
+
+
+def test_a_growing_request_gets_adjacent_blocks_and_a_new_one_starts_with_room():
+    kv = KVCacheManager(num_blocks=16, block_size=2)
+    a, b = req("a", [1, 2, 3, 4], max_tokens=3), req("b", [5, 6, 7, 8], max_tokens=2)
+    admit(kv, a)                                         # may grow to cdiv(4 + 3 - 1, 2) = 3 blocks
+    admit(kv, b)
+    ta, tb = kv.block_ids("a"), kv.block_ids("b")
+    assert ta == [ta[0], ta[0] + 1] and tb == [tb[0], tb[0] + 1]
+    assert ta[0] + 2 not in tb and tb[0] + 2 not in ta   # each one's next block is left free for it
+    grow(kv, a, [9, 10])
+    assert kv.block_ids("a") == [ta[0], ta[0] + 1, ta[0] + 2]
+    grow(kv, b, [11, 12])
+    assert kv.block_ids("b") == [tb[0], tb[0] + 1, tb[0] + 2]
+    kv.check_invariants()
+
+
+def test_placement_never_evicts_the_most_recently_freed_quarter_out_of_lru_order():
+    pool = BlockPool(num_blocks=9, block_size=2)
+    blocks = pool.allocate(9)
+    for i, b in enumerate(blocks):
+        assert pool.cache(b, hash_block(ROOT_HASH, [i, i]), [i, i])
+    pool.free(blocks[:8])                                # freed in id order; block 8 stays held
+    # freed_at 1..8: the last quarter (blocks 6, 7) are protected from placement
+    assert pool.allocate(1, after=2)[0].block_id == 3    # placed: out of LRU order, but old enough
+    # 6 is too recent: a run elsewhere instead (first fit by address, block 0 left as room)
+    assert pool.allocate(1, after=5)[0].block_id == 1
+    assert pool.blocks[6].block_hash is not None and pool.blocks[7].block_hash is not None
+    assert pool.allocate(1)[0].block_id == 0             # without hints: LRU as always
+    # an uncached free block is placed however recently it was freed (3 lost its hash when taken)
+    pool.free([pool.blocks[3]])
+    assert pool.blocks[3].block_hash is None
+    assert pool.allocate(1, after=2)[0].block_id == 3
+    pool.check_invariants(Counter({1: 1, 0: 1, 3: 1, 8: 1}))
+
+
+def test_placement_hints_change_which_blocks_not_what_is_cached_or_counted():
+    # the same admissions and frees with and without hints leave the same cached contents and counts
+    import random
+    rng = random.Random(0)
+    ops = [(rng.random() < 0.6, rng.randint(1, 4), rng.randrange(10)) for _ in range(300)]
+    for hinted in (False, True):
+        pool = BlockPool(num_blocks=24, block_size=2)
+        held: list[list] = []
+        for alloc, n, pick in ops:
+            if alloc and n <= pool.num_free_blocks:
+                after = held[-1][-1].block_id if hinted and held else None
+                got = pool.allocate(n, after=after, room=n + 2 if hinted else 0)
+                assert len({b.block_id for b in got}) == n and all(b.ref_cnt == 1 for b in got)
+                held.append(got)
+            elif held:
+                pool.free(held.pop(pick % len(held)))
+            pool.check_invariants(Counter(b.block_id for bs in held for b in bs))
+        assert pool.num_free_blocks == 24 - sum(map(len, held))
+
+
+def test_placement_prefers_a_run_of_uncached_blocks_to_evicting_cached_ones():
+    pool = BlockPool(num_blocks=16, block_size=2)
+    blocks = pool.allocate(8)                            # 0..7, cached, then freed long ago
+    for i, b in enumerate(blocks):
+        pool.cache(b, hash_block(ROOT_HASH, [i, i]), [i, i])
+    pool.free(blocks)
+    got = [b.block_id for b in pool.allocate(2, room=3)]
+    assert got == [got[0], got[0] + 1] and got[0] >= 8  # never-used blocks 8..15, nothing evicted
+    assert pool.num_evictions == 0 and pool.num_cached_blocks == 8
+    pool.check_invariants(Counter(got))

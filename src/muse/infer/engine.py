@@ -152,15 +152,20 @@ class _Tracker:
         self.out.finished = self.num_finished == len(self.out.outputs)
 
     def snapshot(self) -> RequestOutput:
-        """A copy the caller may keep (the tracker goes on mutating its own); new_token_ids reset."""
+        """A copy the caller may keep (the tracker goes on mutating its own); new_token_ids reset.
+
+        Built field by field: dataclasses.replace (which rebuilds its field list on every call) was
+        most of the engine's per-output cost. A new field of CompletionOutput or RequestOutput must
+        be added here (tests/test_engine.py checks the field lists)."""
         o = self.out
         outs = []
         for c in o.outputs:
-            outs.append(dataclasses.replace(c, token_ids=list(c.token_ids), new_token_ids=c.new_token_ids,
-                                            logprobs=None if c.logprobs is None else list(c.logprobs)))
+            outs.append(CompletionOutput(c.index, c.token_ids[:], c.new_token_ids, c.finish_reason, c.stop_reason,
+                                         None if c.logprobs is None else c.logprobs[:], c.text))
             c.new_token_ids = []
-        return dataclasses.replace(o, outputs=outs, prompt_token_ids=o.prompt_token_ids,
-                                   prompt_logprobs=None if o.prompt_logprobs is None else list(o.prompt_logprobs))
+        return RequestOutput(o.request_id, o.prompt_token_ids, outs,
+                             None if o.prompt_logprobs is None else o.prompt_logprobs[:], o.num_cached_tokens,
+                             o.finished)
 
 
 def _pool_blocks(model, config: EngineConfig, max_model_len: int) -> int:

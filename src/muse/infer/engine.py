@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import queue
@@ -362,6 +363,49 @@ def _put_all(items) -> None:
         q.put_nowait(item)
 
 
+def deliver_step(streams: dict, lock: threading.Lock, outs: list[RequestOutput]) -> None:
+    """Hand one step's outputs to the streams listening for them (`streams`: request id -> (event loop,
+    asyncio.Queue), guarded by `lock`): one hand-over per event loop, not one per request (each
+    call_soon_threadsafe wakes the loop, and a loop serving many streams pays for every wake-up)."""
+    batches: dict[asyncio.AbstractEventLoop, list] = {}
+    with lock:
+        for out in outs:
+            target = streams.get(out.request_id)
+            if target is not None:
+                batches.setdefault(target[0], []).append((target[1], out))
+    for loop, items in batches.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop is closed: nobody is listening
+            pass
+
+
+async def stream_outputs(client, rid: str, q: asyncio.Queue,
+                         ack: concurrent.futures.Future) -> AsyncIterator[RequestOutput]:
+    """A request's RequestOutputs as they arrive on `q`, once the engine took the request (`ack`; its
+    exception, e.g. a refused prompt, is raised by the first iteration). An exception put on `q` ends
+    the stream with it. However the stream ends, it leaves `client._streams`; a consumer that leaves
+    before the last output (break, cancellation) aborts the request. Shared by EngineClient and
+    EngineProcessClient: `client` has `_lock`, `_streams`, `dead` and `abort`."""
+    finished = False
+    try:
+        await asyncio.wrap_future(ack)
+        while True:
+            item = await q.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            finished = item.finished
+            yield item
+            if finished:
+                return
+    finally:
+        with client._lock:
+            client._streams.pop(rid, None)
+        if not finished and not client.dead:
+            client.abort(rid)
+
+
 class EngineDeadError(RuntimeError):
     """The engine's step loop crashed; every stream fails with this and new requests are refused."""
 
@@ -442,23 +486,9 @@ class EngineClient:
             self._streams[rid] = (asyncio.get_running_loop(), q)
         ack: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("add", rid, list(prompt_token_ids), params, ack, on_finish))
-        finished = False
-        try:
-            await asyncio.wrap_future(ack)
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(rid, None)
-            if not finished and not self.dead:
-                self.abort(rid)
+        async with contextlib.aclosing(stream_outputs(self, rid, q, ack)) as outs:
+            async for out in outs:
+                yield out
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once; its stream ends with finish_reason "abort")."""
@@ -482,21 +512,6 @@ class EngineClient:
             loop, q = target
             try:
                 loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # that event loop is closed: nobody is listening
-                pass
-
-    def _deliver_step(self, outs: list[RequestOutput]) -> None:
-        """One step's outputs: one hand-over per listening event loop, not one per request (each
-        call_soon_threadsafe wakes the loop, and a loop serving many streams pays for every wake-up)."""
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for out in outs:
-                target = self._streams.get(out.request_id)
-                if target is not None:
-                    batches.setdefault(target[0], []).append((target[1], out))
-        for loop, items in batches.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 
@@ -544,7 +559,7 @@ class EngineClient:
                 for out in outs:
                     if out.finished:
                         self._finished(out.request_id, out)
-                self._deliver_step(outs)
+                deliver_step(self._streams, self._lock, outs)
         except BaseException as e:  # a bug or an accelerator failure: fail loudly, refuse new work
             log.exception("engine loop crashed")
             self.error = e

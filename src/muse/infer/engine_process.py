@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -53,7 +54,15 @@ from pathlib import Path
 
 from muse.common.errors import UsageError
 from muse.common.logging import get_logger
-from muse.infer.engine import EngineConfig, EngineDeadError, EngineStats, RequestOutput, _put_all, _Tracker
+from muse.infer.engine import (
+    EngineConfig,
+    EngineDeadError,
+    EngineStats,
+    RequestOutput,
+    _Tracker,
+    deliver_step,
+    stream_outputs,
+)
 from muse.infer.sampling_params import SamplingParams
 from muse.infer.scheduler import RequestDelta
 
@@ -268,23 +277,9 @@ class EngineProcessClient:
             raise refuse(refused)
         if not self._send(("add", rid, prompt, params)):
             self._fail_pending(rid, EngineDeadError("the engine process is gone"))
-        finished = False
-        try:
-            await asyncio.wrap_future(ack)
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(rid, None)
-            if not finished and not self.dead:
-                self.abort(rid)
+        async with contextlib.aclosing(stream_outputs(self, rid, q, ack)) as outs:
+            async for out in outs:
+                yield out
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once; its stream ends with finish_reason "abort")."""
@@ -402,17 +397,7 @@ class EngineProcessClient:
         for out in outs:
             if out.finished:
                 self._finished(out.request_id, out)
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for out in outs:
-                target = self._streams.get(out.request_id)
-                if target is not None:
-                    batches.setdefault(target[0], []).append((target[1], out))
-        for loop, items in batches.items():  # one wake-up per event loop per step
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:
-                pass
+        deliver_step(self._streams, self._lock, outs)
 
 
 if __name__ == "__main__":  # the child: python -m muse.infer.engine_process CMD_FD OUT_FD

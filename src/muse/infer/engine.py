@@ -380,6 +380,34 @@ def deliver_step(streams: dict, lock: threading.Lock, outs: list[RequestOutput])
             pass
 
 
+def run_on_finish(cb: Callable, rid: str, result) -> None:
+    """Call a request's on_finish callback; a broken callback is logged, never raised into the loop
+    (engine thread or reader) that reports every other request."""
+    try:
+        cb(result)
+    except Exception:
+        log.exception("on_finish callback of request %s failed", rid)
+
+
+def fail_streams(targets, err: BaseException) -> None:
+    """End each stream (an (event loop, asyncio.Queue) pair) with `err`: the engine stopped."""
+    for loop, q in targets:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, err)
+        except RuntimeError:  # that event loop is closed: nobody is listening
+            pass
+
+
+def refusal(client) -> EngineDeadError | None:
+    """Why `client` takes no new request (its engine died, or it was shut down), or None.
+    `client` has `dead`, `error` and `_stop` (EngineClient, EngineProcessClient)."""
+    if client.dead:
+        return EngineDeadError(f"the engine stopped after an error: {client.error!r}")
+    if client._stop:
+        return EngineDeadError("the engine client was shut down")
+    return None
+
+
 async def stream_outputs(client, rid: str, q: asyncio.Queue,
                          ack: concurrent.futures.Future) -> AsyncIterator[RequestOutput]:
     """A request's RequestOutputs as they arrive on `q`, once the engine took the request (`ack`; its
@@ -474,10 +502,8 @@ class EngineClient:
                 on_finish(e)
             return e
 
-        if self.dead:
-            raise refuse(EngineDeadError(f"the engine stopped after an error: {self.error!r}"))
-        if self._stop:
-            raise refuse(EngineDeadError("the engine client was shut down"))
+        if (closed := refusal(self)) is not None:
+            raise refuse(closed)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -505,23 +531,10 @@ class EngineClient:
         self._cmds.put(cmd)
         self._wake.set()
 
-    def _deliver(self, rid: str, item) -> None:
-        with self._lock:
-            target = self._streams.get(rid)
-        if target is not None:
-            loop, q = target
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # that event loop is closed: nobody is listening
-                pass
-
     def _finished(self, rid: str, result) -> None:
         cb = self._on_finish.pop(rid, None)
         if cb is not None:
-            try:
-                cb(result)
-            except Exception:  # a broken callback must not take the engine down
-                log.exception("on_finish callback of request %s failed", rid)
+            run_on_finish(cb, rid, result)
 
     def _apply_commands(self) -> None:
         while True:
@@ -565,11 +578,10 @@ class EngineClient:
             self.error = e
         err = EngineDeadError(f"the engine stopped: {self.error!r}" if self.error else "the engine was shut down")
         with self._lock:
-            rids = list(self._streams)
+            streams = list(self._streams.values())
         for rid in list(self._on_finish):  # before the streams hear of it, as for finished requests
             self._finished(rid, err)
-        for rid in rids:
-            self._deliver(rid, err)
+        fail_streams(streams, err)
         # requests still queued in _cmds: fail their acknowledgements
         while True:
             try:

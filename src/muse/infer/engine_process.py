@@ -61,6 +61,9 @@ from muse.infer.engine import (
     RequestOutput,
     _Tracker,
     deliver_step,
+    fail_streams,
+    refusal,
+    run_on_finish,
     stream_outputs,
 )
 from muse.infer.sampling_params import SamplingParams
@@ -253,10 +256,8 @@ class EngineProcessClient:
                 on_finish(e)
             return e
 
-        if self.dead:
-            raise refuse(EngineDeadError(f"the engine stopped after an error: {self.error}"))
-        if self._stop:
-            raise refuse(EngineDeadError("the engine client was shut down"))
+        if (closed := refusal(self)) is not None:
+            raise refuse(closed)
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         prompt = [int(t) for t in prompt_token_ids]
         q: asyncio.Queue = asyncio.Queue()
@@ -316,10 +317,7 @@ class EngineProcessClient:
         with self._lock:
             cb = self._on_finish.pop(rid, None)
         if cb is not None:
-            try:
-                cb(result)
-            except Exception:  # a broken callback must not take the reader down
-                log.exception("on_finish callback of request %s failed", rid)
+            run_on_finish(cb, rid, result)
 
     def _fail_pending(self, rid: str, err: BaseException) -> None:
         """A request the engine never took: its callback, then its acknowledgement."""
@@ -369,16 +367,12 @@ class EngineProcessClient:
             self._closed = True
             pending = list(self._acks)
             rids = list(self._on_finish)
-            streams = list(self._streams.items())
+            streams = list(self._streams.values())
         for rid in pending:
             self._fail_pending(rid, err)
         for rid in rids:  # before the streams hear of it, as for finished requests
             self._finished(rid, err)
-        for _, (loop, q) in streams:
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, err)
-            except RuntimeError:  # that event loop is closed: nobody is listening
-                pass
+        fail_streams(streams, err)
 
     def _on_step(self, deltas: list[tuple]) -> None:
         changed: dict[str, _Tracker] = {}

@@ -118,13 +118,12 @@ def run(args) -> int:
     for name, path in pairs:
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
         if args.engine_process:
-            served.append(ServedModel.from_spec(name, EngineSpec(str(path), cfg, device=str(device), stages=STAGES)))
-            engine = served[-1].client
+            model = ServedModel.from_spec(name, EngineSpec(str(path), cfg, device=str(device), stages=STAGES))
         else:
-            engine = Engine.from_checkpoint(path, cfg, device=device, stages=STAGES)
-            served.append(ServedModel.from_engine(name, engine))
-        log.info("model %s: %s on %s, context %d, %d KV blocks%s", name, path, device, engine.max_model_len,
-                 engine.num_blocks, " (engine process)" if args.engine_process else "")
+            model = ServedModel.from_engine(name, Engine.from_checkpoint(path, cfg, device=device, stages=STAGES))
+        served.append(model)
+        log.info("model %s: %s on %s, context %d, %d KV blocks%s", name, path, device, model.max_model_len,
+                 model.client.stats().num_blocks, " (engine process)" if args.engine_process else "")
     config = ServerConfig(admin_key=admin_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                           max_n=args.max_n, max_logprobs=args.max_logprobs, max_running=args.max_running,
                           max_waiting=args.max_waiting, shutdown_grace_s=args.grace)

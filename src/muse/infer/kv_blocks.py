@@ -21,9 +21,9 @@ it. Allocation takes from the FRONT (least recently freed) and evicts the hash t
 blocks are freed tail first, so its last blocks (least likely shared) are evicted before its first.
 
 Placement. The runner reads a request's blocks in table order, and reads them faster from adjacent
-addresses (fewer TLB and DRAM page misses): a replay of bench/engine.py's steps at concurrency 32 ran
-the forward ~4% faster with 86% of the table neighbours it reads adjacent than with the 33% of plain
-LRU order. So a request's new blocks are, where possible, the free blocks right after its last one;
+addresses (fewer TLB and DRAM page misses): bench/kv_placement.py replays bench/engine.py's steps at
+concurrency 32 under both allocators, and the forward ran ~4% faster with 85% of the table neighbours
+it reads adjacent than with the 31% of plain LRU order (BENCHMARKS.md section 5). So a request's new blocks are, where possible, the free blocks right after its last one;
 its first ones (or when that block is taken) start in a free run with room for it to grow to prompt +
 max_tokens: a run of never-used or evicted blocks if there is one (evicting nothing, as LRU order
 would), past half the run's slack (room for a request ending just before it). `allocate_slots`

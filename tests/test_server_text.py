@@ -59,6 +59,17 @@ def test_stop_text_is_held_back_until_it_cannot_be_a_stop(tok):
     assert inc.push(tok.encode("a king!")) + inc.finish() == "a king"
 
 
+def test_a_stop_string_waits_for_a_longer_one_that_would_start_earlier(tok):
+    # "n" is complete after " n", but " n " may still follow and cuts earlier (found by hypothesis)
+    ts = TextStream(tok, ["n", " n "])
+    assert ts.push(tok.encode(" n")) == "" and not ts.stopped
+    assert ts.push(tok.encode(" the")) == "" and ts.stopped and ts.stop_string == " n "
+    early = TextStream(tok, ["n", " n "])   # the longer one never completes: the shorter one stands
+    assert early.push(tok.encode(" n")) == "" and early.push(tok.encode("x")) == " " and early.stop_string == "n"
+    ended = TextStream(tok, ["n", " n "])   # nor when the sequence ends first
+    assert ended.push(tok.encode(" n")) == "" and ended.finish() == " " and ended.stop_string == "n"
+
+
 def test_specials_in_prompts_and_logprob_token_text(tok):
     ids = encode_prompt(tok, "<|endoftext|><|user|>the king<|end|>x")
     assert ids == [EOT_ID, SPECIAL_IDS["<|user|>"], *tok.encode("the king"), SPECIAL_IDS["<|end|>"], *tok.encode("x")]

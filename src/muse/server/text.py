@@ -114,19 +114,34 @@ class TextStream:
             start = max(0, len(self._text) - self._hold)
             self._text += self._decoder.decode(b"", final=True)
             if self.stop:
-                self._check_stop(start)
+                self._check_stop(start, final=True)
         return self._take(len(self._text))
 
-    def _check_stop(self, start: int) -> None:
+    def _check_stop(self, start: int, final: bool = False) -> None:
+        """Stop at the earliest stop string found from `start` on; unless `final`, not while a longer
+        stop string that would start before it may still complete ("n" in " n" must wait: " n " may
+        follow and cut earlier). The text from that possible start on is held back meanwhile."""
         best = None
         for s in self.stop:
             at = self._text.find(s, start)
             if at >= 0 and (best is None or at < best[0]):
                 best = (at, s)
-        if best is not None:
-            at, s = best
-            self._text = self._text[: at + len(s) if self.include_stop else at]
-            self.stopped, self.stop_string = True, s
+        if best is None:
+            return
+        at, s = best
+        if not final and self._stop_may_start_before(at):
+            return
+        self._text = self._text[: at + len(s) if self.include_stop else at]
+        self.stopped, self.stop_string = True, s
+
+    def _stop_may_start_before(self, at: int) -> bool:
+        """A tail of the text starting before `at` is a proper prefix of some stop string."""
+        t = self._text
+        for k in range(min(self._hold, len(t)), len(t) - at, -1):
+            tail = t[-k:]
+            if any(len(x) > k and x.startswith(tail) for x in self.stop):
+                return True
+        return False
 
     def _take(self, upto: int) -> str:
         upto = max(upto, self._sent)

@@ -38,8 +38,6 @@ from muse.infer.sampling_params import SamplingParams  # noqa: E402
 from muse.infer.spec_decode import SpeculativeConfig  # noqa: E402
 from muse.model import count_params  # noqa: E402
 
-STAGES = ("grpo", "dpo", "sft", "base")
-
 
 def val_prompts(run: Path, n: int, length: int, seed: int) -> list[list[int]]:
     """`n` windows of `length` tokens from the run's validation shards, at seeded random offsets."""
@@ -96,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    target, tok, meta = load(args.target, device=device, dtype=dtype, stages=STAGES)
-    draft, draft_tok, _ = load(args.draft, device=device, dtype=dtype, stages=STAGES)
+    target, tok, meta = load(args.target, device=device, dtype=dtype, stages=None)
+    draft, draft_tok, _ = load(args.draft, device=device, dtype=dtype, stages=None)
     if draft.config.vocab_size != target.config.vocab_size or (
             tok is not None and draft_tok is not None and tok.vocab_size != draft_tok.vocab_size):
         raise SystemExit("the draft's vocabulary differs from the target's: train both on the same prepared data")

@@ -143,13 +143,12 @@ def _trainer_stepper(trainer):
 
 def interleaved(args, variants: list[str], vocab: int, d: int, h: int) -> None:
     """--interleaved: the baseline and each Muse variant take one step in turn in this process (Muse
-    through its Trainer's own step function, built from the same flags as `muse train`), so drifting load
+    through its TrainLoop's own step function, built from the same flags as `muse train`), so drifting load
     from other jobs slows no row more than another. With `--threads 1` (default) it times CPU time, which
     also leaves out the time the thread waits for a core; with more threads, wall time (CPU time would
     count the threads' spin-waits)."""
     from muse.cli import train as train_cli
-    from muse.train.schedule import ScheduleConfig
-    from muse.train.trainer import Trainer
+    from muse.train.pretrain import pretraining_loop
 
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
@@ -166,11 +165,9 @@ def interleaved(args, variants: list[str], vocab: int, d: int, h: int) -> None:
         flags = parser.parse_args([str(run), "--depth", str(args.depth), "--seq-len", str(args.seq_len),
                                    "--batch-size", str(args.batch_size), "--max-steps", str(args.warmup + args.steps),
                                    "--device", "cpu", *shlex.split(v)])
-        trainer = Trainer(train_cli.load_train_config(flags), run)
-        # what Trainer.train() does before its loop, without checkpoints, metrics or evaluation
-        trainer._setup()
-        trainer.schedule = ScheduleConfig(**{**trainer.cfg.schedule.__dict__, "total_steps": trainer.total_steps})
-        trainer._build(None)
+        trainer = pretraining_loop(train_cli.load_train_config(flags), run)
+        # what TrainLoop.train() does before its loop, without checkpoints, metrics or evaluation
+        trainer._prepare()
         trainer.model.train()
         steppers[f"muse train {v}"] = _trainer_stepper(trainer)
     times: dict[str, list[float]] = {k: [] for k in steppers}

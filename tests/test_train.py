@@ -168,26 +168,26 @@ def test_seq_len_beyond_model(tiny_run, capsys):
 
 
 def test_out_of_memory_names_the_knob(tiny_run, capsys, monkeypatch):
-    from muse.train import trainer as trainer_mod
+    from muse.train import loop as loop_mod
 
     def boom(self, step):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000000000 bytes")
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", boom)
+    monkeypatch.setattr(loop_mod.TrainLoop, "_train_step", boom)
     code = main(["train", str(tiny_run), *TINY, "--max-steps", "5"])
     _one_line_error(capsys, code, "--batch-size")
 
 
 def test_nan_loss_stops_and_keeps_last_good(tiny_run, capsys, monkeypatch):
-    from muse.train import trainer as trainer_mod
+    from muse.train import loop as loop_mod
 
-    real = trainer_mod.Trainer._train_step
+    real = loop_mod.TrainLoop._train_step
 
     def flaky(self, step):
         loss = real(self, step)
         return loss * float("nan") if step >= 7 else loss
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", flaky)
+    monkeypatch.setattr(loop_mod.TrainLoop, "_train_step", flaky)
     code = main(["train", str(tiny_run), *TINY, "--max-steps", "20", "--save-every", "5"])
     err = _one_line_error(capsys, code, "nan", "step_000005")
     assert "step 8" in err

@@ -5,7 +5,7 @@
         config.json         {"format_version": 1, "model": ModelConfig.to_dict()}
         tokenizer.json      the tokenizer the model was trained with
         train_state.pt      optional: optimizer, schedule, loader and RNG states (loads with weights_only=True)
-        meta.json           step, stage, muse version, dtype, and whatever the trainer adds (tokens, val loss)
+        meta.json           step, stage, muse version, dtype, saved_at, and what the trainer adds (tokens, init_from)
         manifest.json       written last: size and sha256 of every file above (see manifest.py)
     <stage_dir>/latest -> step_000500   moved only after the directory above is durable
 
@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,10 @@ from muse.checkpoint.manifest import (
     find_problem,
     list_checkpoints,
     read_latest,
-    resolve_checkpoint,
     step_dir_name,
     step_of,
 )
+from muse.checkpoint.stages import resolve_checkpoint, resolve_stage
 from muse.common.errors import CheckpointError, ConfigError, TokenizerError
 from muse.common.logging import get_logger
 from muse.common.paths import atomic_dir, atomic_write_text, fsync_dir
@@ -346,6 +347,9 @@ def save_checkpoint(
         "muse_version": muse.__version__,
         "dtype": float_dtypes[0].removeprefix("torch.") if len(float_dtypes) == 1 else None,
         "n_params": sum(t.numel() for t in tensors.values()),
+        # What "latest stage" is decided by (stages.py). A rewrite of an old checkpoint (consolidate) keeps
+        # the time it was trained, which its caller passes back in.
+        "saved_at": (meta or {}).get("saved_at") or round(time.time(), 3),
     }
     if not tensors:  # sharded only: the caller's meta knows the dtype and size
         full_meta.update({k: (meta or {}).get(k) for k in ("dtype", "n_params")})
@@ -449,13 +453,15 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
     return config["model"]
 
 
-def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, stages=("base",)):
+def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, stages=None):
     """(model, tokenizer, meta) from a run, stage or checkpoint directory; the model is in eval mode.
 
-    dtype=None keeps the saved dtype. meta is meta.json plus "path" (the checkpoint directory) and
-    "config" (the model config dict).
+    In a run directory, stages=None takes the stage trained last (muse.checkpoint.stages); a tuple
+    takes the first of those stages that holds a checkpoint, e.g. ("sft",). dtype=None keeps the saved
+    dtype. meta is meta.json plus "path" (the checkpoint directory) and "config" (the model config dict).
     """
-    ckpt = resolve_checkpoint(path, stages)  # verifies every file's hash
+    # Both verify every file's hash.
+    ckpt = resolve_stage(path) if stages is None else resolve_checkpoint(path, tuple(stages))
     config_dict = read_config(ckpt)
     try:
         cfg = ModelConfig.from_dict(config_dict)

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from muse.checkpoint.checkpoint import load_model_state, read_config
 from muse.checkpoint.hf import HF_ARCHITECTURES, dump_json, hf_model_type, hf_tokenizer_json, to_hf_state
-from muse.checkpoint.manifest import resolve_checkpoint, step_of
+from muse.checkpoint.manifest import step_of
+from muse.checkpoint.stages import resolve_stage
 from muse.common.errors import CheckpointError, ConfigError, OutputExistsError, UsageError
 from muse.common.paths import atomic_dir
 from muse.model import ModelConfig
@@ -160,11 +161,12 @@ def default_export_dir(ckpt: Path) -> Path:
     return ckpt.parent.parent / "export" / ("hf" if stage == "base" else f"hf-{stage}")
 
 
-def export_hf(path: str | os.PathLike, out: str | os.PathLike | None = None, *, stages=("base",),
+def export_hf(path: str | os.PathLike, out: str | os.PathLike | None = None, *, stage: str | None = None,
               dtype: str | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
               overwrite: bool = False) -> dict:
     """Write the checkpoint that `path` names (run, stage or checkpoint dir) as an HF model directory.
 
+    In a run directory `stage` picks the stage; None takes the stage trained last (muse.checkpoint.stages).
     dtype None keeps the checkpoint's dtype; "float32" / "bfloat16" / "float16" converts. `out` defaults
     to RUN/export/hf. An existing non-empty `out` is replaced only with overwrite=True. Returns a summary
     (checkpoint, out, architecture, dtype, files, bytes).
@@ -173,7 +175,7 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         raise UsageError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if max_shard_size <= 0:
         raise UsageError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
-    ckpt = resolve_checkpoint(path, stages)  # verifies every file's hash
+    ckpt = resolve_stage(path, stage)  # verifies every file's hash
     out = Path(out) if out is not None else default_export_dir(ckpt)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise UsageError(f"--out {out} holds the checkpoint being exported; choose a directory outside it")

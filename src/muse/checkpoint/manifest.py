@@ -1,4 +1,4 @@
-"""The manifest of a checkpoint directory, and what it lets us trust: verify, list, find, resolve.
+"""The manifest of a checkpoint directory, and what it lets us trust: verify, list, find the last good one.
 
 A checkpoint is a directory `<stage>/step_000500/` whose LAST file written is `manifest.json`: the size and
 sha256 of every other file. So a directory without a manifest is a save that never finished, and a file
@@ -6,7 +6,8 @@ whose size or hash disagrees is truncated or corrupt. A stage directory (`runs/x
 directories and a `latest` link; a run directory (`runs/x/`) holds stage directories.
 
 This module reads directories and names problems; it never loads a tensor and never deletes anything.
-Writing checkpoints (and rotating them) lives in checkpoint.py. It knows nothing about models.
+Writing checkpoints (and rotating them) lives in checkpoint.py; which stage and checkpoint a path means
+(the stage registry, "latest") in stages.py. It knows nothing about models.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "meta.js
 SHARDED_METADATA = ".metadata"
 LATEST = "latest"
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
-# The command that fills each stage directory, for "run `muse ...` first" hints.
-STAGE_COMMANDS = {"base": "train"}
 
 
 def step_dir_name(step: int) -> str:
@@ -190,62 +189,3 @@ def latest_good(stage_dir: str | os.PathLike, *, fast: bool = False) -> Path | N
     if target and find_problem(stage_dir / target, fast=fast) is None:
         return stage_dir / target
     return _last_good(stage_dir, exclude=target, fast=fast)
-
-
-# --- resolving what the user typed -----------------------------------------------------------------
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    return (path / MANIFEST).is_file() or ((path / "config.json").is_file() and (path / "model.safetensors").is_file())
-
-
-def is_stage_dir(path: Path) -> bool:
-    return bool(list_checkpoints(path)) or os.path.lexists(path / LATEST)
-
-
-def _pick_in_stage(stage_dir: Path, *, fast: bool) -> Path:
-    target = read_latest(stage_dir)
-    if target is not None:
-        ckpt = stage_dir / target
-        if not ckpt.is_dir():
-            raise corrupt_error(ckpt, f"{stage_dir / LATEST} points to it but it does not exist", fast=fast)
-    else:
-        ckpts = list_checkpoints(stage_dir)
-        if not ckpts:
-            raise CheckpointError(f"no checkpoint in {stage_dir}; run `muse train` to make one")
-        ckpt = ckpts[-1]
-    # No silent fallback: training on from an older step than the user expects loses work quietly.
-    verify_checkpoint(ckpt, fast=fast)
-    return ckpt
-
-
-def resolve_checkpoint(path: str | os.PathLike, stages=("base",), *, fast: bool = False) -> Path:
-    """The verified checkpoint directory that `path` names.
-
-    `path` may be a checkpoint directory, a stage directory (its `latest`, else its newest step) or a run
-    directory (the first of `stages` that holds checkpoints, so ("sft", "base") prefers post-trained
-    weights). A corrupt choice raises CheckpointError naming the last good checkpoint instead of
-    falling back to it.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(
-            f"{p} does not exist; pass a run directory (e.g. runs/x) or a checkpoint directory "
-            "(e.g. runs/x/base/step_000500)"
-        )
-    if not p.is_dir():
-        raise CheckpointError(f"{p} is a file; pass a run directory or a checkpoint directory")
-    if p.is_symlink() and p.name == LATEST:  # report the real step directory, not the link
-        p = p.parent / read_latest(p.parent)
-    if is_checkpoint_dir(p):
-        verify_checkpoint(p, fast=fast)
-        return p
-    if is_stage_dir(p):
-        return _pick_in_stage(p, fast=fast)
-    for stage in stages:
-        if is_stage_dir(p / stage):
-            return _pick_in_stage(p / stage, fast=fast)
-    looked = ", ".join(f"{s}/" for s in stages)
-    first = stages[-1] if stages else "base"
-    command = STAGE_COMMANDS.get(first, first)
-    raise CheckpointError(f"no checkpoint in {p} (looked in {looked}); run `muse {command} {p}` first")

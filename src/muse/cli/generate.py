@@ -4,7 +4,8 @@ Each input line is a JSON object with a "prompt" (text to continue; with --chat,
 "messages" (a chat, [{"role": ..., "content": ...}], answered by the assistant). Every output line
 keeps all the input fields and adds "text" (the generated text, special tokens removed), "tokens"
 (how many tokens were generated) and "finish_reason" ("stop" or "length"). With --n > 1 each input
-line gives n output lines, with "index" 0..n-1. The output file is written atomically at the end.
+line gives n output lines, with "index" 0..n-1. The output file is written atomically at the end. A run
+directory means the newest checkpoint of the stage trained last (docs/checkpoints.md); --stage picks another.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ prompts.jsonl:
   {"messages": [{"role": "user", "content": "Who is the king?"}]}
 """
 
-STAGES = ("grpo", "dpo", "sft", "base")  # a run directory: the most post-trained checkpoint first
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run directory, stage directory (runs/x/sft) or checkpoint directory")
+    p.add_argument("--stage", help="stage to take from a run directory (base, sft, dpo, grpo, ...; default: the one "
+                   "trained last, docs/checkpoints.md)")
     p.add_argument("--input", required=True, help="JSONL file: one object per line with 'prompt' or 'messages'")
     p.add_argument("--output", required=True, help="JSONL file to write (replaced atomically)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate per sample at most")
@@ -96,13 +97,16 @@ def run(args) -> int:
     in_path, out_path = Path(args.input), Path(args.output)
     rows = _read_rows(in_path)
 
+    from muse.checkpoint import resolve_stage
     from muse.common.device import pick_device
     from muse.common.paths import atomic_write_text
     from muse.infer.engine import LLM, EngineConfig
     from muse.infer.sampling_params import SamplingParams
     from muse.tokenizer import END_ID
 
-    llm = LLM(args.checkpoint, EngineConfig(max_num_seqs=args.max_num_seqs), device=pick_device(args.device))
+    # Pick the checkpoint here (sizes checked); loading it verifies every hash.
+    ckpt = resolve_stage(args.checkpoint, args.stage, fast=True)
+    llm = LLM(str(ckpt), EngineConfig(max_num_seqs=args.max_num_seqs), device=pick_device(args.device))
     tok, max_len = llm.tokenizer, llm.engine.max_model_len
     prompts, params = [], []
     for i, (n, row) in enumerate(rows):

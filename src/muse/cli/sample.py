@@ -1,4 +1,4 @@
-"""Sample text from a checkpoint (a run directory finds its newest good checkpoint)."""
+"""Sample text from a checkpoint (a run directory: the newest checkpoint of the stage trained last, or --stage)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ EXAMPLES = """examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run directory, stage directory (runs/x/base) or checkpoint directory")
+    p.add_argument("--stage", help="stage to take from a run directory (base, sft, ...; default: the one trained last)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -38,11 +39,12 @@ def run(args) -> int:
     if args.top_k < 0 or args.num_samples <= 0:
         raise UsageError("--top-k must be >= 0 and --num-samples positive")
 
-    from muse.checkpoint import load
+    from muse.checkpoint import get_stage, load
     from muse.common.device import pick_device
     from muse.infer.generate import generate
 
-    model, tok, meta = load(args.checkpoint, device=pick_device(args.device))
+    model, tok, meta = load(args.checkpoint, device=pick_device(args.device),
+                            stages=None if args.stage is None else (get_stage(args.stage).name,))
     prompt_ids = [tok.eot_id] + tok.encode(args.prompt)  # every document starts after a boundary token
     if len(prompt_ids) >= model.config.max_seq_len:
         raise UsageError(f"the prompt is {len(prompt_ids)} tokens; this model's context is {model.config.max_seq_len}")

@@ -44,7 +44,7 @@ def run(args) -> int:
     from muse.data.stats import unigram_bpb
     from muse.infer.generate import generate
     from muse.train.config import load_config
-    from muse.train.trainer import Trainer
+    from muse.train.pretrain import pretraining_loop
 
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -61,9 +61,9 @@ def run(args) -> int:
     if done and done_step >= cfg.max_steps and not args.force:
         print(f"train: {done} is finished (step {done_step}); kept (--force retrains)", file=sys.stderr)
     else:
-        Trainer(cfg, out, resume=bool(done) and not args.force, force=args.force).train()
+        pretraining_loop(cfg, out, resume=bool(done) and not args.force, force=args.force).train()
 
-    model, tok, meta = load(out)
+    model, tok, meta = load(out, stages=("base",))  # the report is about pretraining, whatever came after
     samples = []
     for i, prompt in enumerate(PROMPTS):
         ids = generate(model, [tok.eot_id] + tok.encode(prompt), max_new_tokens=args.max_tokens, temperature=0.8,

@@ -86,7 +86,7 @@ def load_train_config(args):
 
 
 def run(args) -> int:
-    from muse.train.trainer import Trainer
+    from muse.train.pretrain import pretraining_loop
 
     if args.consolidate:
         from muse.distributed.checkpoint import consolidate
@@ -94,33 +94,34 @@ def run(args) -> int:
         print(f"full weights in {consolidate(args.run_dir)}")
         return 0
     cfg = load_train_config(args)
-    trainer = Trainer(cfg, args.run_dir, resume=args.resume, force=args.force)  # checks the run dir first
+    loop = pretraining_loop(cfg, args.run_dir, resume=args.resume, force=args.force)  # checks the run dir first
     if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # The launcher: start N copies of this very command under torchrun's agent. They see WORLD_SIZE
         # and train; --nproc is then ignored. A failing rank surfaces here as one WorkerFailed line.
         from muse.distributed.launch import launch
 
-        trainer.check(world_size=cfg.parallel.nproc)
+        loop.check(world_size=cfg.parallel.nproc)
         launch(cfg.parallel.nproc, ["train", *_argv(args)])
         return 0
-    result = trainer.train()
+    result = loop.train()
     from muse.common import dist
 
     if not dist.is_main():
         return 0
+    val_loss, val_bpb = result.evals.get("val_loss"), result.evals.get("val_bpb")
     summary = {
         "checkpoint": str(result.checkpoint) if result.checkpoint else None, "steps": result.steps,
         "tokens": result.tokens, "params": result.params, "wall_s": round(result.wall_s, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
-        "val_loss": result.val_loss, "val_bpb": result.val_bpb, "mfu": result.mfu,
+        "val_loss": val_loss, "val_bpb": val_bpb, "mfu": result.mfu,
     }
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.wall_s:.1f}s, "
               f"{result.tokens_per_s:,.0f} tokens/s")
-        if result.val_loss is not None:
-            print(f"val loss {result.val_loss:.4f}, val bits/byte {result.val_bpb:.4f}")
+        if val_loss is not None:
+            print(f"val loss {val_loss:.4f}, val bits/byte {val_bpb:.4f}")
         print(f"checkpoint: {result.checkpoint}")
     sys.stdout.flush()
     return 0

@@ -1,6 +1,8 @@
 """`TrainConfig`: what `muse train` needs, resolved from defaults <- TOML file <- flags <- `--set`.
 
-Sections are small dataclasses owned by their components (`OptimConfig`, `ScheduleConfig`, `ParallelConfig`); the model's
+`TrainConfig` is the training loop's `LoopConfig` (muse.train.loop) plus what pretraining adds, so a
+post-training stage's config that extends LoopConfig too spells the shared keys the same way. Sections
+are small dataclasses owned by their components (`OptimConfig`, `ScheduleConfig`, `ParallelConfig`); the model's
 shape is derived from `depth` by `ModelConfig.from_depth`, and any model field can be overridden under
 `[model]` (or `--set model.n_kv_head=2`). Unknown keys are errors that name the closest valid keys.
 The resolved config is written into the run directory as `train_config.json`.
@@ -19,12 +21,13 @@ from typing import Any
 from muse.common.errors import ConfigError, closest
 from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig
-from muse.train.optim import OptimConfig
-from muse.train.schedule import ScheduleConfig
+from muse.train.loop import LoopConfig
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
+    """Pretraining's settings: the loop's (LoopConfig: optimizer, schedule, cadence, runtime) and these."""
+
     # shape: one knob, then any ModelConfig field under `model`; or the shape and weights of a checkpoint
     init_from: str = ""  # a checkpoint (e.g. from `muse import`) to continue pretraining: its config wins
     depth: int = 4
@@ -37,29 +40,8 @@ class TrainConfig:
     # horizon: max_steps wins over train_tokens when both are set
     max_steps: int = 0
     train_tokens: int = 0
-    max_time_s: float = 0.0  # stop (and save) after this wall time; 0 = no limit
-    # optimisation
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    # evaluation, logging, checkpoints
-    eval_every: int = 100
+    # evaluation
     eval_batches: int = 20
-    log_every: int = 10
-    save_every: int = 200
-    keep_last: int = 3
-    milestone_every: int = 0
-    full_weights: bool = True  # multi-process saves also gather model.safetensors (muse.distributed.checkpoint)
-    # runtime
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"  # auto = bf16 autocast on accelerators, fp32 on cpu
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # processes, FSDP/DDP, TP, AC, compile
-    peak_flops: float = 0.0  # dense bf16 FLOP/s for chips missing from muse.common.device.PEAKS
-    tensorboard: bool = True
-    plot: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _coerce(value, typ, key: str):

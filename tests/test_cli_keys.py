@@ -165,3 +165,15 @@ def test_usage_summary_csv_and_json(muse):
     assert code == 0 and "no requests" in out
     code, out, _ = muse("usage", "--csv", "--until", "2000-01-01")
     assert code == 0 and out.splitlines() == [out.splitlines()[0]]  # the header alone
+
+
+def test_a_database_url_is_one_line_and_creates_nothing(muse, tmp_path, monkeypatch):
+    # `--db postgresql://...` used to be taken as a relative path: it created ./postgresql:/host/...
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql://muse:s3cret@db.internal:5432/muse"
+    for argv in (["keys", "create", "--partner", "acme"], ["keys", "list"], ["usage"]):
+        code, out, err = muse(*argv, "--db", url)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert "PostgreSQL store does not exist yet" in err and "pass a file path" in err
+        assert "s3cret" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -345,6 +345,51 @@ def test_period_rollover_asks_the_ledger_again():
     assert qm.remaining(dataclasses.replace(key, token_quota=2000)) == 1990   # a raised quota applies at once
 
 
+def test_a_rotated_key_shares_its_predecessors_quota_in_flight():
+    # Quota state used to be kept per key_id: rotating a key while its requests ran gave the new key a
+    # fresh zero in flight, so a 2,000-token quota admitted 4,000.
+    ledger = Ledger()
+    owners = {"key_a": "key_a", "key_b": "key_a", "key_c": "key_a"}
+    qm = QuotaManager(ledger, clock=Clock(DAY0), owner=lambda k: owners[k.key_id])
+    a = Key("key_a", token_quota=2000, period="day")
+    b = dataclasses.replace(a, key_id="key_b", rotated_from="key_a")
+    held = qm.reserve(a, 1500)
+    with pytest.raises(QuotaExceeded) as e:
+        qm.reserve(b, 1000)                          # the rotated key sees A's request in flight
+    assert e.value.in_flight == 1500 and qm.remaining(b) == 500
+    rb = qm.reserve(b, 500)
+    assert qm.remaining(a) == qm.remaining(b) == 0
+    held.settle(1000)                                # A's request ends after the rotation
+    rb.settle(200)
+    c = dataclasses.replace(b, key_id="key_c", rotated_from="key_b")
+    assert qm.remaining(c) == 800
+    assert ledger.calls == [("key_a", datetime(2024, 5, 1, tzinfo=UTC).timestamp())]   # asked once, by owner
+
+
+def test_quota_owner_from_the_store_bounds_a_rotation_chain(tmp_path):
+    from muse.server.records import UsageRecord
+    from muse.server.store import Store
+
+    store = Store(tmp_path / "serve.sqlite3", clock=lambda: DAY0)
+    _, a = store.create_key("acme", token_quota=2000, period="day")
+    qm = QuotaManager(store.chain_tokens_used, clock=Clock(DAY0), owner=store.quota_owner)
+    ra = qm.reserve(a, 2000)
+    _, b = store.rotate(a.key_id)
+    with pytest.raises(QuotaExceeded):
+        qm.reserve(b, 2000)                          # 4,000 in flight on a 2,000 quota: refused
+    ra.settle(1200)
+    store.record(UsageRecord("req-a", a.key_id, "acme", "m", "completions", 200, 1000, 0, "ok", 200, "stop",
+                             DAY0, 1.0))
+    assert qm.remaining(b) == 800
+    # a restarted server starts from the ledger of the whole chain
+    _, c = store.rotate(b.key_id)
+    fresh = QuotaManager(store.chain_tokens_used, clock=Clock(DAY0), owner=store.quota_owner)
+    assert fresh.remaining(c) == 800
+    with pytest.raises(QuotaExceeded):
+        fresh.reserve(c, 801)
+    store.close()
+
+
 def test_period_end_is_calendar():
     start = datetime(2024, 12, 1, tzinfo=UTC).timestamp()
     assert period_end("month", start) == datetime(2025, 1, 1, tzinfo=UTC).timestamp()
@@ -454,3 +499,53 @@ def test_close_turns_away_waiters_and_newcomers():
 def test_admission_queue_rejects_bad_sizes(running, waiting):
     with pytest.raises(ConfigError):
         AdmissionQueue(running, waiting)
+
+
+# --------------------------------------------------------------- two-phase rate limits, weighted admission
+
+
+def test_the_request_slot_is_taken_before_the_tokens_are_known():
+    """acquire(key, 0) takes the request (before tokenizing); add_tokens reserves the tokens after."""
+    rl, clock = limiter()
+    key = Key(rpm=2, tpm=100)
+    g = rl.acquire(key, 0)
+    rl.add_tokens(g, 60)
+    assert g.reserved == 60 and g.headers["x-ratelimit-remaining-tokens"] == "40"
+    g2 = rl.acquire(key, 0)
+    with pytest.raises(RateLimited) as e:            # tokens short: the request stays spent
+        rl.add_tokens(g2, 50)
+    assert e.value.kind == "tokens" and e.value.retry_after == pytest.approx(6.0)
+    assert rl.peek_headers(key)["x-ratelimit-remaining-requests"] == "0"
+    assert rl.peek_headers(key)["x-ratelimit-remaining-tokens"] == "40"
+    with pytest.raises(RateLimited) as e:            # more than the whole tpm can never run
+        rl.add_tokens(g2, 101)
+    assert e.value.retry_after is None and e.value.headers["x-should-retry"] == "false"
+    with pytest.raises(RateLimited) as e:            # the third request is refused before any work
+        rl.acquire(key, 0)
+    assert e.value.kind == "requests"
+    assert g.settle(10) == 50                        # settling gives back what add_tokens reserved
+
+
+def test_admission_counts_sequences_not_requests():
+    async def main():
+        q = AdmissionQueue(max_running=8, max_waiting=8)
+        await q.acquire(6)
+        assert (q.running, q.waiting) == (6, 0)
+        big = asyncio.create_task(q.acquire(4))      # 6 + 4 > 8: waits
+        await asyncio.sleep(0)
+        small = asyncio.create_task(q.acquire(1))    # would fit, but may not overtake the big one
+        await asyncio.sleep(0)
+        assert q.waiting == 5 and not big.done() and not small.done()
+        with pytest.raises(Overloaded):              # 5 waiting + 4 > 8
+            await q.acquire(4)
+        q.release(6)
+        await asyncio.sleep(0)
+        assert big.done() and small.done() and q.running == 5
+        q.release(4)
+        q.release(1)
+        await q.acquire(100)                         # more than the pool: it takes the whole pool
+        assert q.running == 8
+        q.release(100)
+        assert (q.running, q.waiting) == (0, 0)
+
+    asyncio.run(main())

@@ -5,7 +5,12 @@ the client abandoned: status "aborted" with the tokens generated until then). Pr
 cached ones (prefix-cache hits); "cached" shows how many of them were. Times are UTC; --since is
 inclusive, --until exclusive. The database is --db, else $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3.
 It can be read while the server runs; rows the server has not committed yet (at most a fraction of a
-second's worth) are not in it.
+second's worth) are not in it. Requests still running show status "running" with the tokens known so
+far; "interrupted" ones were running when a server died (billed prompt + tokens known at the crash).
+
+Text in the ledger comes partly from clients (the model name), so nothing is printed raw: the table
+escapes control characters (no terminal escapes, no forged lines), and CSV cells that a spreadsheet
+would run as a formula (starting with = + - @ tab or CR) get a leading ' (the OWASP CSV-injection rule).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 import types
@@ -70,11 +76,27 @@ def _when(ts: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
+    from muse.server.records import clean_label
+
+    rows = [[clean_label(x, limit=None) for x in row] for row in rows]  # a model name may hold ESC or \n
     numeric = [all(str(r[i]).isdigit() for r in rows) and bool(rows) for i in range(len(headers))]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     return "\n".join("  ".join(str(x).rjust(w) if num else str(x).ljust(w)
                                for x, w, num in zip(row, widths, numeric)).rstrip()
                      for row in [headers, *rows])
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(value: str | None) -> str:
+    """A text cell safe to open in a spreadsheet: control characters escaped (rows written before the
+    ledger cleaned its text may hold them) and a leading ' on anything Excel or Sheets would evaluate
+    as a formula (OWASP: cells starting with = + - @ tab CR). Numbers are written as numbers."""
+    from muse.server.records import clean_label
+
+    text = "" if value is None else clean_label(value, limit=None)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _write_csv(records) -> None:
@@ -83,12 +105,29 @@ def _write_csv(records) -> None:
     w = csv.writer(sys.stdout, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in records:
-        w.writerow([r.request_id, utc_iso(r.created_at), r.partner, r.key_id, r.model, r.endpoint, r.status,
-                    r.http_status, r.finish_reason or "", r.prompt_tokens, r.completion_tokens, r.cached_tokens,
+        w.writerow([_csv_text(r.request_id), utc_iso(r.created_at), _csv_text(r.partner), _csv_text(r.key_id),
+                    _csv_text(r.model), _csv_text(r.endpoint), _csv_text(r.status), r.http_status,
+                    _csv_text(r.finish_reason), r.prompt_tokens, r.completion_tokens, r.cached_tokens,
                     r.total_tokens, round(r.latency_s, 6), "" if r.ttft_s is None else round(r.ttft_s, 6)])
 
 
 def run(args) -> int:
+    try:
+        code = _report(args)
+        sys.stdout.flush()  # inside the try: a reader gone away fails here, not at interpreter exit
+    except BrokenPipeError:
+        # `muse usage --csv | head -1`: the reader has what it wanted. Stop quietly, as a Unix tool killed
+        # by SIGPIPE would (exit 141), and point stdout at devnull so the interpreter's last flush of
+        # the leftover buffer cannot print a second error (the recipe of Python's signal docs).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # stdout replaced by an object without a file
+            pass
+        return 141
+    return code
+
+
+def _report(args) -> int:
     from muse.common.errors import closest
     from muse.server.records import utc_iso
     from muse.server.store import Store, default_db_path

@@ -11,8 +11,11 @@ prompt tokens + max_tokens * n:
   OpenAI). A request larger than the whole tpm can never run: RateLimited with retry_after None.
 - `QuotaManager.reserve(key, tokens)`: a token quota per calendar day or month (UTC). used + tokens
   reserved by requests in flight + this request must fit, checked and taken under one lock, so any
-  number of concurrent requests can never overspend. The ledger is the source of truth: `used(key_id,
-  period_start)` is asked once per key per period, after that settlements are counted in memory.
+  number of concurrent requests can never overspend. The quota belongs to the key's owner
+  (`owner(key)`, e.g. Store.quota_owner: the first key of a rotation chain), so a key rotated while
+  its requests run shares their reservations instead of starting from zero. The ledger is the source
+  of truth: `used(owner, period_start)` is asked once per owner per period, after that settlements
+  are counted in memory.
 - `AdmissionQueue.slot()`: at most max_running requests hold a slot, at most max_waiting wait for one
   in FIFO order, beyond that Overloaded at once (an HTTP 503 instead of an ever-growing queue).
 
@@ -23,7 +26,8 @@ tokens}`) are only sent for a dimension the key limits: an unlimited dimension g
 Durations are written like OpenAI's (Go's): "250ms", "1s", "1.5s", "6m0s".
 
 This module knows nothing about HTTP, SQLite or the engine. A key is anything with `key_id`, `rpm`,
-`tpm`, `token_quota`, `period` and `period_start(now)` (records.ApiKey). Clocks are injectable:
+`tpm`, `token_quota`, `period` and `period_start(now)` (records.ApiKey); keys of one owner share
+their period and quota (rotate copies them). Clocks are injectable:
 the rate limiter uses a monotonic clock, quotas wall-clock epoch seconds (periods are calendar ones).
 """
 
@@ -230,8 +234,13 @@ class RateLimiter:
     def _buckets(self, key: ApiKey, now: float) -> _KeyBuckets:
         b = self._keys.get(key.key_id)
         if b is None:
-            b = self._keys.get(getattr(key, "rotated_from", None) or "") or _KeyBuckets()
+            # the keys of one rotation chain share one set of buckets (by owner, else by predecessor)
+            owner = getattr(key, "owner_id", None)
+            b = (self._keys.get(owner or "") or self._keys.get(getattr(key, "rotated_from", None) or "")
+                 or _KeyBuckets())
             self._keys[key.key_id] = b
+            if owner:
+                self._keys.setdefault(owner, b)
         b.requests = _sync(b.requests, key.rpm, now)
         b.tokens = _sync(b.tokens, key.tpm, now)
         return b
@@ -265,6 +274,32 @@ class RateLimiter:
             if b.tokens is not None:
                 b.tokens.level -= tokens
             return Grant(self, key.key_id, tokens, _headers(b))
+
+    def add_tokens(self, grant: Grant, tokens: int) -> None:
+        """Reserve `tokens` more for a request that already holds its grant (the request slot was taken
+        before the expensive work that counts its tokens), or raise RateLimited and reserve nothing."""
+        if tokens < 0:
+            raise ValueError(f"a request reserves >= 0 tokens, got {tokens}")
+        with self._lock:
+            if grant.settled:
+                raise RuntimeError("add_tokens() on a settled grant")
+            b = self._keys.get(grant.key_id)
+            if b is None or b.tokens is None or tokens == 0:
+                grant.reserved += tokens
+                return
+            bucket = b.tokens
+            bucket.refill(self._clock())
+            if tokens > bucket.capacity:
+                raise RateLimited("tokens", None, _too_large("tokens", tokens, bucket.capacity),
+                                  {**_headers(b), "x-should-retry": "false"})
+            if bucket.level + _EPS < tokens:
+                wait = bucket.wait_for(tokens)
+                ms = max(1, math.ceil(round(wait * 1000, 6)))
+                headers = {**_headers(b), "retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(ms)}
+                raise RateLimited("tokens", wait, _rate_message("tokens", bucket, tokens, wait), headers)
+            bucket.level -= tokens
+            grant.reserved += tokens
+            grant.headers = _headers(b)
 
     def _settle(self, grant: Grant, actual_tokens: int) -> int:
         with self._lock:
@@ -326,11 +361,11 @@ class _QuotaState:
 
 
 class Reservation:
-    """Tokens of a key's quota held by one request in flight, in the period it was admitted in."""
+    """Tokens of an owner's quota held by one request in flight, in the period it was admitted in."""
 
-    def __init__(self, manager: QuotaManager, key_id: str, tokens: int, period_start: float):
+    def __init__(self, manager: QuotaManager, key_id: str, owner: str, tokens: int, period_start: float):
         self._manager = manager
-        self.key_id, self.tokens, self.period_start = key_id, tokens, period_start
+        self.key_id, self.owner, self.tokens, self.period_start = key_id, owner, tokens, period_start
         self.settled = False
 
     def settle(self, actual_tokens: int) -> None:
@@ -343,43 +378,52 @@ class Reservation:
         self._manager._settle(self, actual_tokens)
 
 
-class QuotaManager:
-    """Token quotas per key per calendar period; thread-safe (one lock).
+def _own_key(key: ApiKey) -> str:
+    return key.key_id
 
-    `used(key_id, period_start)` returns the tokens the ledger holds for the key since period_start.
-    It is called under the lock, once per key per period (and again after a rollover), so it should
-    be quick: an indexed sum.
+
+class QuotaManager:
+    """Token quotas per owner per calendar period; thread-safe (one lock).
+
+    `owner(key)` names whose quota a key spends (default: the key's own id). `used(owner,
+    period_start)` returns the tokens the ledger holds for that owner since period_start: with an
+    owner covering several keys it must sum all of them, e.g.
+    `QuotaManager(store.chain_tokens_used, owner=store.quota_owner)`. It is called under the lock,
+    once per owner per period (and again after a rollover), so it should be quick: an indexed sum.
     """
 
-    def __init__(self, used: Callable[[str, float], int], clock: Callable[[], float] = time.time):
+    def __init__(self, used: Callable[[str, float], int], clock: Callable[[], float] = time.time, *,
+                 owner: Callable[[ApiKey], str] = _own_key):
         self._used = used
         self._clock = clock
+        self._owner = owner
         self._lock = threading.Lock()
-        self._keys: dict[str, _QuotaState] = {}
+        self._owners: dict[str, _QuotaState] = {}
 
-    def _state(self, key: ApiKey, now: float) -> _QuotaState:
+    def _state(self, owner: str, key: ApiKey, now: float) -> _QuotaState:
         # A quota without a period (the store should not allow one) counts all time.
         start = key.period_start(now)
         start = 0.0 if start is None else float(start)
-        state = self._keys.get(key.key_id)
+        state = self._owners.get(owner)
         if state is None or state.period_start != start:
-            state = _QuotaState(start, int(self._used(key.key_id, start)))
-            self._keys[key.key_id] = state
+            state = _QuotaState(start, int(self._used(owner, start)))
+            self._owners[owner] = state
         return state
 
     def reserve(self, key: ApiKey, tokens: int) -> Reservation | None:
-        """Hold `tokens` of the key's quota for one request, or raise QuotaExceeded. None: no quota."""
+        """Hold `tokens` of the key owner's quota for one request, or raise QuotaExceeded. None: no quota."""
         quota = key.token_quota
         if quota is None:
             return None
         if tokens < 0:
             raise ValueError(f"a request reserves >= 0 tokens, got {tokens}")
+        owner = self._owner(key)  # outside the lock: it may read the database
         with self._lock:
-            state = self._state(key, self._clock())
+            state = self._state(owner, key, self._clock())
             if state.used + state.in_flight + tokens > quota:
                 raise _quota_error(key, quota, state, tokens)
             state.in_flight += tokens
-            return Reservation(self, key.key_id, tokens, state.period_start)
+            return Reservation(self, key.key_id, owner, tokens, state.period_start)
 
     def _settle(self, res: Reservation, actual_tokens: int) -> None:
         with self._lock:
@@ -389,7 +433,7 @@ class QuotaManager:
             if actual_tokens > res.tokens:
                 log.warning("key %s used %d tokens but reserved only %d; charging the reservation",
                             res.key_id, actual_tokens, res.tokens)
-            state = self._keys.get(res.key_id)
+            state = self._owners.get(res.owner)
             if state is None or state.period_start != res.period_start:
                 return  # the period rolled over: the new one started from the ledger
             state.in_flight -= res.tokens
@@ -399,8 +443,9 @@ class QuotaManager:
         """Tokens the key may still reserve this period (quota - used - held by requests in flight)."""
         if key.token_quota is None:
             return None
+        owner = self._owner(key)
         with self._lock:
-            state = self._state(key, self._clock())
+            state = self._state(owner, key, self._clock())
             return max(0, key.token_quota - state.used - state.in_flight)
 
 
@@ -426,12 +471,14 @@ def _quota_error(key: ApiKey, quota: int, state: _QuotaState, tokens: int) -> Qu
 
 
 class AdmissionQueue:
-    """At most `max_running` requests inside, `max_waiting` queued in arrival order, the rest turned away.
+    """At most `max_running` sequences inside, `max_waiting` more queued in arrival order, the rest turned away.
 
-    For one asyncio event loop (not thread-safe). A slot freed by one request passes straight to the
-    oldest waiter, so a newcomer can never overtake the queue. A waiter cancelled (client gone) leaves
-    the queue; if a slot had just been handed to it, the slot passes on. `close()` (shutdown) turns
-    away new requests and the waiting ones; requests already inside keep their slots.
+    A request takes one slot per sequence it generates (prompts x n), so one request asking for 64
+    sequences weighs what 64 one-sequence requests do. For one asyncio event loop (not thread-safe).
+    Freed slots go to the oldest waiters first, in order (a small request never overtakes a large one
+    that came first, so nobody starves). A waiter cancelled (client gone) leaves the queue; if slots had
+    just been handed to it, they pass on. `close()` (shutdown) turns away new requests and the waiting
+    ones; requests already inside keep their slots.
     """
 
     def __init__(self, max_running: int, max_waiting: int):
@@ -441,16 +488,18 @@ class AdmissionQueue:
             raise ConfigError(f"the admission queue needs max_waiting >= 0, got {max_waiting!r}")
         self.max_running, self.max_waiting = max_running, max_waiting
         self._running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._closed = False
 
     @property
     def running(self) -> int:
+        """Slots (sequences) held by admitted requests."""
         return self._running
 
     @property
     def waiting(self) -> int:
-        return sum(1 for f in self._waiters if not f.done())
+        """Slots (sequences) the waiting requests ask for."""
+        return sum(n for f, n in self._waiters if not f.done())
 
     depth = waiting
 
@@ -458,62 +507,80 @@ class AdmissionQueue:
     def closed(self) -> bool:
         return self._closed
 
-    async def acquire(self) -> None:
-        """Wait for a slot (FIFO); Overloaded at once when the queue is full or closed. Pair with release()."""
+    def weight(self, n: int) -> int:
+        """Slots a request of n sequences takes: n, but never more than the whole pool (it could never run)."""
+        return max(1, min(int(n), self.max_running))
+
+    async def acquire(self, n: int = 1) -> None:
+        """Wait for n slots (FIFO); Overloaded at once when the queue is full or closed. Pair with release(n)."""
+        n = self.weight(n)
         if self._closed:
             raise Overloaded("The server is shutting down and admits no new requests; retry against "
                              "another replica or after the restart.")
-        if self._running < self.max_running and not self.waiting:
-            self._running += 1
+        if self._running + n <= self.max_running and not self.waiting:
+            self._running += n
             return
-        if self.waiting >= self.max_waiting:
-            raise Overloaded(f"The server is overloaded: {self._running} requests running and {self.waiting} "
+        if self.waiting + n > self.max_waiting:
+            raise Overloaded(f"The server is overloaded: {self._running} sequences running and {self.waiting} "
                              "waiting, the most it queues; retry in a moment.", {"retry-after": "1"})
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        entry = (fut, n)
+        self._waiters.append(entry)
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self.release()  # the slot was handed to us just as we were cancelled: pass it on
+                self.release(n)  # the slots were handed to us just as we were cancelled: pass them on
             else:
-                self._remove(fut)
+                self._remove(entry)
             raise
         except Overloaded:
-            self._remove(fut)
+            self._remove(entry)
             raise
 
-    def release(self) -> None:
-        """Free a slot: it goes to the oldest live waiter, else back to the pool."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot changes hands; running stays the same
-                return
-        if self._running <= 0:
+    def release(self, n: int = 1) -> None:
+        """Free n slots; they go to the oldest live waiters that fit, in arrival order."""
+        n = self.weight(n)
+        if self._running < n:
             raise RuntimeError("AdmissionQueue.release() without a matching acquire()")
-        self._running -= 1
+        self._running -= n
+        self._wake_next()
 
-    def _remove(self, fut: asyncio.Future[None]) -> None:
+    def _remove(self, entry) -> None:
         try:
-            self._waiters.remove(fut)
+            self._waiters.remove(entry)
         except ValueError:
-            pass
+            return
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        """Hand free slots to the waiters at the head of the queue while they fit (after a release, or
+        when a waiter left and the ones behind it may fit now)."""
+        while self._waiters:
+            fut, want = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if self._running + want > self.max_running:
+                return
+            self._waiters.popleft()
+            self._running += want
+            fut.set_result(None)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """`async with queue.slot():` holds a slot for the block; any exit (error, cancel) frees it."""
-        await self.acquire()
+    async def slot(self, n: int = 1) -> AsyncIterator[None]:
+        """`async with queue.slot(n):` holds n slots for the block; any exit (error, cancel) frees them."""
+        await self.acquire(n)
         try:
             yield
         finally:
-            self.release()
+            self.release(n)
 
     def close(self) -> None:
         """Stop admitting: later acquire() calls and everyone waiting now get Overloaded."""
         self._closed = True
         while self._waiters:
-            fut = self._waiters.popleft()
+            fut, _ = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(Overloaded("The server is shutting down and admits no new requests; "
                                              "retry against another replica or after the restart."))

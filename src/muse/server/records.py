@@ -1,6 +1,7 @@
 """What the serving database holds, as Python values: `ApiKey` (a key without its text) and
-`UsageRecord` (one ledger row), and the UTC time helpers their commands use (`utc_iso`, `parse_utc`,
-`parse_duration`). No SQL here: store.py maps these to and from its tables.
+`UsageRecord` (one ledger row), the UTC time helpers their commands use (`utc_iso`, `parse_utc`,
+`parse_duration`), and `clean_label`, the one rule for client-supplied text that reaches the ledger,
+a log line or a terminal. No SQL here: store.py maps these to and from its tables.
 """
 
 from __future__ import annotations
@@ -14,7 +15,57 @@ from datetime import UTC, datetime
 from muse.common.errors import UsageError
 
 PERIODS = ("day", "month")                 # calendar periods in UTC
-STATUSES = ("ok", "aborted", "error")      # a ledger row's status
+FINAL_STATUSES = ("ok", "aborted", "error")  # how a request ended (Store.record)
+# "running": admitted and not settled yet (Store.begin); "interrupted": it was running when the server
+# died, found by Store.recover_interrupted at the next start.
+STATUSES = (*FINAL_STATUSES, "running", "interrupted")
+LABEL_LIMIT = 128                          # characters of a text field the ledger keeps (clean_label)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(ch: str) -> str:
+    if "\ud800" <= ch <= "\udfff":  # a lone surrogate: not encodable as UTF-8, so SQLite refuses it
+        return "\ufffd"
+    if ch.isprintable():
+        return ch
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def clean_label(text: object, limit: int | None = LABEL_LIMIT) -> str:
+    """`text` made safe to store, log and print: at most `limit` characters (None: no cap), lone
+    surrogates replaced by U+FFFD, and every non-printable character (C0/C1 controls such as ESC and
+    newline, DEL, bidi overrides and other format characters, non-space separators) written as a
+    Python-style escape ("\\x1b", "\\n", "\\u202e"), so no terminal escape, forged line or reordered text
+    survives. A longer text is cut to limit - 1 characters plus "\u2026"; an escape is never cut in half.
+    Printable text (any script) within the limit comes back unchanged. Not reversible: it is for labels
+    (a model name a client sent), not for data.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"clean_label needs a limit >= 1 (or None), got {limit}")
+    if not isinstance(text, str):
+        text = str(text)
+    if (limit is None or len(text) <= limit) and text.isprintable():
+        return text  # the common case, a plain short name
+    pieces: list[str] = []
+    size = 0
+    for ch in text:  # stops one piece past the limit: a 1 MB name costs ~limit steps, not a million
+        piece = _escape(ch)
+        pieces.append(piece)
+        size += len(piece)
+        if limit is not None and size > limit:
+            break
+    else:
+        return "".join(pieces)
+    while size > limit - 1:
+        size -= len(pieces.pop())
+    return "".join(pieces) + "\u2026"
 
 
 # ----------------------------------------------------------------------------------------------- time
@@ -69,6 +120,9 @@ class ApiKey:
     created_at: float
     revoked_at: float | None = None
     rotated_from: str | None = None         # the key_id this key replaced
+    # The first key of its rotation chain (itself unless it was made by `rotate`): the quota's owner,
+    # so in-flight reservations and usage are shared by a key and every key that replaced it.
+    owner_id: str | None = None
 
     def allows_model(self, name: str) -> bool:
         return self.models is None or name in self.models
@@ -125,7 +179,8 @@ class UsageRecord:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    status: str                   # one of STATUSES: "ok", "aborted" (client left / shutdown), "error"
+    status: str                   # one of STATUSES: "ok", "aborted" (client left / shutdown), "error",
+                                  # "running" (not settled yet), "interrupted" (the server died)
     http_status: int
     finish_reason: str | None
     created_at: float             # when the request arrived
@@ -136,6 +191,9 @@ class UsageRecord:
         # A bad row is a bug in the caller: fail at the call site, not later in the writer thread.
         if not self.request_id or not isinstance(self.request_id, str):
             raise ValueError("UsageRecord needs a non-empty request_id")
+        if clean_label(self.request_id) != self.request_id:  # the primary key: never rewritten, so refused
+            raise ValueError(f"UsageRecord.request_id must be printable and at most {LABEL_LIMIT} characters, "
+                             f"got {clean_label(self.request_id, 40)!r}")
         if self.status not in STATUSES:
             raise ValueError(f"UsageRecord.status must be one of {STATUSES}, got {self.status!r}")
         for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
@@ -146,3 +204,19 @@ class UsageRecord:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def cleaned(self) -> UsageRecord:
+        """This row with every text field passed through clean_label (itself when nothing changes).
+
+        The model name comes from the client (up to a 1 MB body of anything); the others are the
+        server's, cleaned too so a bug upstream cannot put a terminal escape into `muse usage`.
+        """
+        changes = {}
+        for name in _TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and clean_label(value) != value:
+                changes[name] = clean_label(value)
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+_TEXT_FIELDS = ("key_id", "partner", "model", "endpoint", "finish_reason")

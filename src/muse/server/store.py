@@ -3,14 +3,24 @@
 Keys: `muse keys create|revoke|rotate` write them from the CLI process, usually while the server runs;
 the server only reads them, and reads them on every request, so a revocation takes effect at once.
 Only the sha256 of a key's text is stored (server/keys.py says why that is enough); the public
-`key_id` is what every list, ledger row and log line shows.
+`key_id` is what every list, ledger row and log line shows. A rotated key keeps the `owner_id` of the
+key it replaced (the first of the chain): quotas belong to the owner, so rotating a key while its
+requests run cannot spend the quota twice (`quota_owner`, `chain_tokens_used`).
 
-Ledger: exactly one row per request (request_id is the primary key). The server never waits on the
-disk for it: `record()` puts the row on a queue and one writer thread, which owns the only ledger
-write connection, commits whatever has queued up in one transaction. A crash loses at most the rows
-queued and not yet committed. `flush()` waits for the queue; `close()` flushes and stops the thread.
-Rows still queued count everywhere (`tokens_used`, `usage`, `usage_summary`), so a token quota can never
-be undercounted because of the queue.
+Ledger: exactly one row per request (request_id is the primary key), written by one writer thread
+(ledger.py: batching, retries, and exactly what a crash costs). A request is recorded when admitted
+(`begin`, status "running"), its progress noted cheaply (`progress`), and it is settled when it ends
+(`record`). At start-up the server takes the server lock (`lock_for_server`) and then turns the rows
+a dead server left "running" into "interrupted" ones (`recover_interrupted`). Text fields are cleaned
+when a row is handed in (records.clean_label: at most LABEL_LIMIT = 128 characters, control
+characters escaped, lone surrogates replaced), so a client's model name cannot bloat the ledger, stop
+the writer, or put a terminal escape into `muse usage`. Rows not yet committed count everywhere
+(`tokens_used`, `usage`, `usage_summary`): a quota can never be undercounted because of the queue.
+
+One server per database: each `muse serve` admits its keys' whole quota, so two on one file would
+spend it twice. `lock_for_server` takes an exclusive flock on `<db>.serve.lock` (the file stays; a
+lock dies with its process, even on SIGKILL). Several replicas need a shared store (PostgreSQL) that
+does not exist yet, which is also why a URL passed as the database is refused.
 
 SQLite settings, and why:
 - WAL journal: readers (authenticate, quota look-ups, `muse usage`) never wait for the ledger writer,
@@ -18,10 +28,11 @@ SQLite settings, and why:
 - busy_timeout: the CLI's short key transactions and the writer's batches wait for each other instead
   of failing with "database is locked".
 - synchronous=FULL: the ledger is a billing record; a commit survives a power cut. Batching keeps the
-  cost to one fsync per batch, not per request.
+  cost to one fsync per batch, not per request (or per token: progress notes are coalesced).
 - The file is created with mode 0600 (SQLite gives the -wal/-shm files the same mode): hashes are not
   keys, but the ledger is partner data.
-- A `schema_version` table: a newer file opened by an older Muse is refused instead of misread.
+- A `schema_version` table: an older file is upgraded in place in one transaction (schema.py); a newer
+  file opened by an older Muse is refused instead of misread.
 
 Times are UTC epoch seconds (floats) everywhere; `parse_utc`/`utc_iso` (records.py) convert at the edges.
 Torch-free, stdlib + muse.common only.
@@ -34,7 +45,6 @@ import dataclasses
 import hmac
 import json
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -43,56 +53,21 @@ from pathlib import Path
 
 from muse.common.errors import MuseError, UsageError, closest
 from muse.common.logging import get_logger
+from muse.server import schema
 from muse.server.keys import check_format, generate_key, hash_key, new_key_id
-from muse.server.records import PERIODS, ApiKey, UsageRecord, utc_iso
+from muse.server.ledger import REC_COLS, LedgerWriter
+from muse.server.records import FINAL_STATUSES, PERIODS, ApiKey, UsageRecord, utc_iso
 
 log = get_logger("muse.server.store")
 
-SCHEMA_VERSION = 1
-_MAX_BATCH = 1024                          # ledger rows per transaction at most
-_STOP_RETRIES = 3                          # failed commits tolerated during close() before rows are dropped
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS api_keys (
-        key_id       TEXT PRIMARY KEY,
-        key_hash     TEXT NOT NULL,        -- sha256 hex of the key text (the text is never stored)
-        partner      TEXT NOT NULL,
-        models       TEXT,                 -- JSON list of model names, NULL = every served model
-        rpm          INTEGER,              -- NULL = unlimited
-        tpm          INTEGER,
-        token_quota  INTEGER,
-        period       TEXT,                 -- 'day' | 'month' (UTC calendar), set iff token_quota is
-        expires_at   REAL,
-        created_at   REAL NOT NULL,
-        revoked_at   REAL,
-        rotated_from TEXT
-    )""",
-    "CREATE UNIQUE INDEX IF NOT EXISTS api_keys_hash ON api_keys (key_hash)",
-    """CREATE TABLE IF NOT EXISTS ledger (
-        request_id        TEXT PRIMARY KEY,   -- exactly one row per request
-        key_id            TEXT NOT NULL,
-        partner           TEXT NOT NULL,
-        model             TEXT NOT NULL,
-        endpoint          TEXT NOT NULL,
-        prompt_tokens     INTEGER NOT NULL,
-        completion_tokens INTEGER NOT NULL,
-        cached_tokens     INTEGER NOT NULL,
-        status            TEXT NOT NULL,
-        http_status       INTEGER NOT NULL,
-        finish_reason     TEXT,
-        created_at        REAL NOT NULL,
-        latency_s         REAL NOT NULL,
-        ttft_s            REAL
-    )""",
-    "CREATE INDEX IF NOT EXISTS ledger_key_time ON ledger (key_id, created_at)",
-    "CREATE INDEX IF NOT EXISTS ledger_partner_time ON ledger (partner, created_at)",
-    "CREATE INDEX IF NOT EXISTS ledger_time ON ledger (created_at)",   # `muse usage --since` over all partners
-)
+SCHEMA_VERSION = schema.SCHEMA_VERSION
+FLUSH_TIMEOUT_S = 10.0     # flush() waits at most this long by default: a stuck disk must not hang a caller
+CLOSE_TIMEOUT_S = 30.0     # close(): the writer's last tries (ledger.py STOP_ATTEMPTS) fit in it
 
 
 class StoreError(MuseError):
-    """The serving database cannot be opened or used (missing, not SQLite, written by a newer Muse)."""
+    """The serving database cannot be opened or used (missing, not SQLite, written by a newer Muse,
+    a URL, or already served by another `muse serve`)."""
 
 
 class AuthError(Exception):
@@ -114,9 +89,6 @@ class AuthError(Exception):
 
 _KEY_COLS = ", ".join(f.name for f in dataclasses.fields(ApiKey))
 _KEY_INSERT = f"INSERT INTO api_keys (key_hash, {_KEY_COLS}) VALUES (?{', ?' * len(dataclasses.fields(ApiKey))})"
-_REC_FIELDS = [f.name for f in dataclasses.fields(UsageRecord)]
-_REC_COLS = ", ".join(_REC_FIELDS)
-_REC_INSERT = f"INSERT OR IGNORE INTO ledger ({_REC_COLS}) VALUES ({', '.join('?' * len(_REC_FIELDS))})"
 
 
 def _key_from_row(row: Sequence) -> ApiKey:
@@ -137,27 +109,47 @@ def default_db_path() -> Path:
     return Path(os.environ.get("MUSE_HOME") or "~/.muse").expanduser() / "serve.sqlite3"
 
 
+def _check_not_url(path: str | os.PathLike) -> None:
+    raw = os.fsdecode(os.fspath(path))
+    if "://" in raw:  # checked on the raw text: Path("postgresql://h/db") collapses to "postgresql:/h/db"
+        scheme = raw.split("://", 1)[0]
+        # Only the scheme is echoed: the rest of a URL may hold a password.
+        raise StoreError(f"the database {scheme}://... is a URL, but the PostgreSQL store does not exist yet "
+                         f"(Muse has only the SQLite one); pass a file path, e.g. --db ~/.muse/serve.sqlite3")
+
+
+def _matches(r: UsageRecord, *, key_id=None, key_ids=None, partner=None, since=None, until=None) -> bool:
+    return ((key_id is None or r.key_id == key_id) and (key_ids is None or r.key_id in key_ids)
+            and (partner is None or r.partner == partner) and (since is None or r.created_at >= since)
+            and (until is None or r.created_at < until))
+
+
+def _where(*, key_id=None, key_ids=None, partner=None, since=None, until=None) -> tuple[str, list]:
+    sql, params = " WHERE 1=1", []
+    for col, op, val in (("key_id", "=", key_id), ("partner", "=", partner),
+                         ("created_at", ">=", since), ("created_at", "<", until)):
+        if val is not None:
+            sql += f" AND {col} {op} ?"
+            params.append(val)
+    if key_ids is not None:
+        sql += f" AND key_id IN ({', '.join('?' * len(key_ids))})"
+        params.extend(key_ids)
+    return sql, params
+
+
 # --------------------------------------------------------------------------------------------- store
-
-class _Flush:
-    """A queue marker: the writer sets it once every row queued before it is committed."""
-
-    def __init__(self):
-        self.done = threading.Event()
-
-
-_STOP = object()
-
 
 class Store:
     """API keys and the usage ledger in one SQLite file. See the module docstring for the design.
 
     `create=False` refuses to create a missing file (the CLI's read verbs: a mistyped --db should not
-    silently report "no usage"). `clock` gives the default `now` (epoch seconds) for key operations.
+    silently report "no usage"). `clock` gives the default `now` (epoch seconds) for key operations
+    and the latency of progress notes.
     """
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout_ms: int = 5000, create: bool = True,
                  clock: Callable[[], float] = time.time):
+        _check_not_url(path)
         self.path = Path(path).expanduser()
         self.busy_timeout_ms = int(busy_timeout_ms)
         self._clock = clock
@@ -181,13 +173,9 @@ class Store:
         except BaseException:
             self._conn.close()
             raise
-        # Ledger writer state: rows queued but not committed yet, keyed by request_id (readers merge them).
-        self._queue: queue.Queue = queue.Queue()
-        self._pending: dict[str, UsageRecord] = {}
-        self._pending_lock = threading.Lock()
-        self._writer: threading.Thread | None = None
-        self._writer_lock = threading.Lock()
-        self._stopping = False
+        self._ledger = LedgerWriter(self._connect, clock)
+        self._lock_fd: int | None = None
+        self._close_lock = threading.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------------------------ opening
@@ -221,20 +209,21 @@ class Store:
 
     def _init_schema(self) -> None:
         with self._read_lock, self._write_txn() as c:
-            for stmt in _SCHEMA:
-                c.execute(stmt)
-            rows = c.execute("SELECT version FROM schema_version").fetchall()
-            if not rows:
-                c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif max(r[0] for r in rows) > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} was written by a newer Muse (schema {max(r[0] for r in rows)}, "
-                                 f"this one reads {SCHEMA_VERSION}); upgrade Muse")
+            version = schema.file_version(c)
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer Muse (schema {version}, this one reads "
+                                 f"{SCHEMA_VERSION}); upgrade Muse")
+            if version < SCHEMA_VERSION:
+                schema.upgrade(c, version)
+                if version:
+                    log.info("upgraded the serving database %s from schema %d to %d", self.path, version,
+                             SCHEMA_VERSION)
 
     @contextlib.contextmanager
-    def _write_txn(self, conn: sqlite3.Connection | None = None):
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error). IMMEDIATE takes the write lock up front, so a
-        busy database waits in busy_timeout here instead of failing half-way through."""
-        c = self._conn if conn is None else conn
+    def _write_txn(self):
+        """BEGIN IMMEDIATE ... COMMIT on the read connection (ROLLBACK on error), as ledger.write_txn, but
+        a database still busy after busy_timeout is a StoreError the CLI can print."""
+        c = self._conn
         try:
             c.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -244,8 +233,59 @@ class Store:
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
-                c.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("ROLLBACK")
             raise
+
+    def lock_for_server(self) -> None:
+        """Claim the database for this process's `muse serve`, until close(); StoreError if another
+        process holds it. An exclusive flock on `<db>.serve.lock`, which records the holder's pid.
+
+        flock, not fcntl record locks: an flock belongs to the open file description, so two Stores
+        conflict even inside one process, and the kernel drops it when the process dies (SIGKILL too);
+        the file is never deleted (deleting it would let two servers lock two different files).
+        Idempotent.
+        """
+        import fcntl  # POSIX only; imported here so the rest of the store works without it
+
+        if self._lock_fd is not None:
+            return
+        lock_path = self.path.with_name(self.path.name + ".serve.lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot create the server lock {lock_path}: {e.strerror or e}; "
+                             f"pass a --db in a writable directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                pid = holder if holder.isdigit() else "unknown"
+                raise StoreError(f"another muse serve (pid {pid}) is using DB {self.path}; stop it first or "
+                                 f"pass another --db (several replicas on one ledger need the PostgreSQL store, "
+                                 f"which does not exist yet)") from None
+            raise StoreError(f"cannot lock {lock_path}: {e.strerror or e}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self, timeout: float | None = CLOSE_TIMEOUT_S) -> bool:
+        """Write the ledger's pending rows, stop the writer, close the connection, release the server
+        lock. Never waits past `timeout` s: False then (the unwritten rows are logged in full, ledger.py).
+        Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return True
+            self._closed = True
+        ok = self._ledger.close(timeout)
+        with self._read_lock:
+            self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        return ok
 
     def __enter__(self) -> Store:
         return self
@@ -263,10 +303,12 @@ class Store:
                    expires_at: float | None = None, now: float | None = None) -> tuple[str, ApiKey]:
         """A new key: (its text, to show once and forget; its record). UsageError for bad settings."""
         now = self._now(now)
-        key = ApiKey(key_id=new_key_id(), partner=_check_partner(partner), models=_check_models(models),
+        key_id = new_key_id()
+        key = ApiKey(key_id=key_id, partner=_check_partner(partner), models=_check_models(models),
                      rpm=_check_positive("rpm", rpm), tpm=_check_positive("tpm", tpm),
                      token_quota=_check_positive("token_quota", token_quota), period=period,
-                     expires_at=None if expires_at is None else float(expires_at), created_at=now)
+                     expires_at=None if expires_at is None else float(expires_at), created_at=now,
+                     owner_id=key_id)
         _check_quota(key)
         if key.expires_at is not None and key.expires_at <= now:
             raise UsageError(f"the expiry {utc_iso(key.expires_at)} is not in the future; pass a later date")
@@ -310,8 +352,8 @@ class Store:
         return dataclasses.replace(key, revoked_at=now)
 
     def rotate(self, key_id: str, *, now: float | None = None) -> tuple[str, ApiKey]:
-        """Replace a key: a new key with the same settings (rotated_from = the old id), and the old key
-        revoked, in one transaction. UsageError for an unknown, revoked or expired key."""
+        """Replace a key: a new key with the same settings and owner (rotated_from = the old id), and
+        the old key revoked, in one transaction. UsageError for an unknown, revoked or expired key."""
         now = self._now(now)
         text = generate_key()
         with self._read_lock, self._write_txn() as c:
@@ -324,7 +366,8 @@ class Store:
                 when = old.revoked_at if status == "revoked" else old.expires_at
                 raise UsageError(f"key {key_id} is {status} (since {utc_iso(when)}); rotate only works on an "
                                  f"active key: create a new one with `muse keys create --partner {old.partner}`")
-            new = dataclasses.replace(old, key_id=new_key_id(), created_at=now, revoked_at=None, rotated_from=key_id)
+            new = dataclasses.replace(old, key_id=new_key_id(), created_at=now, revoked_at=None, rotated_from=key_id,
+                                      owner_id=old.owner_id or key_id)
             c.execute(_KEY_INSERT, [hash_key(text), *_key_params(new)])
             c.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (now, key_id))
         return text, new
@@ -351,204 +394,166 @@ class Store:
             raise AuthError(status, key.key_id)
         return key
 
+    def quota_owner(self, key: ApiKey) -> str:
+        """Whose quota a request on `key` spends: the first key of its rotation chain (for
+        QuotaManager(owner=...)). A key the store has not heard of owns itself."""
+        owner = getattr(key, "owner_id", None)
+        if owner:
+            return owner
+        with self._read_lock:
+            row = self._conn.execute("SELECT owner_id FROM api_keys WHERE key_id = ?", (key.key_id,)).fetchone()
+        return row[0] if row is not None and row[0] else key.key_id
+
     # ------------------------------------------------------------------------------------- ledger
 
+    def begin(self, rec: UsageRecord) -> None:
+        """Record an admitted request now, as a "running" row (prompt tokens known, completion 0 or
+        what is known), so a crash still bills it. Settle it with record(); never waits on the disk."""
+        if not isinstance(rec, UsageRecord) or rec.status != "running":
+            raise ValueError(f"begin() takes a UsageRecord with status 'running', got {rec!r:.200}")
+        self._ledger.put(rec.cleaned())
+
+    def progress(self, request_id: str, completion_tokens: int, cached_tokens: int = 0) -> None:
+        """Note a begun request's tokens so far. Coalesced in memory and committed with the next batch
+        (within a second, ledger.py): call it as often as convenient, no transaction per call. Ignored
+        for a request not begun in this Store or already settled."""
+        self._ledger.progress(request_id, completion_tokens, cached_tokens)
+
     def record(self, rec: UsageRecord) -> None:
-        """Queue one request's ledger row; never waits on the disk. A second row for a request_id is a
-        bug in the caller: it is logged and ignored (the first row stays)."""
+        """Settle one request's ledger row (status ok/aborted/error): it replaces the request's running
+        row, or is its only row when begin() was not called. Never waits on the disk. A second settled
+        row for a request_id is a bug in the caller: it is logged and ignored (the first row stays)."""
         if not isinstance(rec, UsageRecord):
             raise TypeError(f"record() takes a UsageRecord, got {type(rec).__name__}")
-        # Under the writer lock, so no row can slip in behind close()'s stop marker and be left unwritten.
-        with self._writer_lock:
-            if self._closed or self._stopping:
-                raise RuntimeError("Store.record() after close(); the row for request "
-                                   f"{rec.request_id} is lost")
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._writer_loop, name="muse-ledger-writer", daemon=True)
-                self._writer.start()
-            with self._pending_lock:
-                if rec.request_id in self._pending:
-                    log.error("ledger: a second row for request %s was ignored (a bug: one row per request)",
-                              rec.request_id)
-                    return
-                self._pending[rec.request_id] = rec
-            self._queue.put(rec)  # unbounded: never blocks
+        if rec.status not in FINAL_STATUSES:
+            raise ValueError(f"record() settles a request: status must be one of {FINAL_STATUSES}, got "
+                             f"{rec.status!r} (a running row goes to begin())")
+        self._ledger.put(rec.cleaned())
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every row queued so far is committed. TimeoutError if that takes over `timeout` s."""
-        with self._writer_lock:
-            writer = self._writer
-            if writer is None or not writer.is_alive():
-                return
-            marker = _Flush()
-            self._queue.put(marker)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not marker.done.wait(0.05):
-            if not writer.is_alive():
-                if self._stopping:
-                    return  # close() stopped the writer after committing what it could
-                raise RuntimeError("the ledger writer thread died; see the log for its error")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"the ledger did not flush within {timeout} s "
-                                   f"({self._queue.qsize()} rows still queued)")
+    def flush(self, timeout: float | None = FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every row handed in so far is committed (or dropped and logged, ledger.py).
+        False, never a hang, when that takes over `timeout` s (None: no limit) or the writer is gone."""
+        ok = self._ledger.flush(timeout)
+        if not ok:
+            log.warning("ledger: flush did not finish within %s s; rows are still pending (they count in "
+                        "every read)", timeout)
+        return ok
 
-    def close(self, timeout: float | None = None) -> None:
-        """Flush the ledger, stop the writer thread and close the connections. Idempotent."""
-        with self._writer_lock:
-            if self._closed:
-                return
-            self._stopping = True
-            writer = self._writer
-            if writer is not None:
-                self._queue.put(_STOP)
-        try:
-            if writer is not None:
-                writer.join(timeout)
-                if writer.is_alive():
-                    log.error("ledger: the writer did not finish within %s s; %d rows may be lost",
-                              timeout, len(self._pending))
-        finally:
-            with self._writer_lock:
-                self._closed = True
-            with self._read_lock:
-                self._conn.close()
+    def recover_interrupted(self) -> int:
+        """Turn the "running" rows a dead server left behind into "interrupted" ones; returns how many.
+        Each keeps what its last committed write knew: prompt tokens plus the completion tokens of its
+        last progress note (ledger.py says how much a crash can miss). Call it at start-up, after
+        lock_for_server(): without the lock it could settle the rows of a server still running."""
+        if self._lock_fd is None:
+            raise RuntimeError("recover_interrupted() needs lock_for_server() first: without the lock, the "
+                               "running rows may belong to a live server")
+        mine = self._ledger.active_ids()
+        with self._read_lock, self._write_txn() as c:
+            ids = [rid for (rid,) in c.execute("SELECT request_id FROM ledger WHERE status = 'running'")
+                   if rid not in mine]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                c.execute("UPDATE ledger SET status = 'interrupted' WHERE status = 'running' AND request_id IN "
+                          f"({', '.join('?' * len(chunk))})", chunk)
+        return len(ids)
 
-    def _writer_loop(self) -> None:
-        conn = self._connect()
-        try:
-            stop = False
-            while not stop:
-                items = [self._queue.get()]
-                while len(items) < _MAX_BATCH:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                rows = [it for it in items if isinstance(it, UsageRecord)]
-                stop = any(it is _STOP for it in items)
-                if rows:
-                    self._commit(conn, rows)
-                for it in items:
-                    if isinstance(it, _Flush):
-                        it.done.set()
-        finally:
-            conn.close()
-
-    def _commit(self, conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
-        """Insert `rows` in one transaction, retrying while the database is busy or failing; only then
-        drop them from the pending set (so readers count each row exactly once: pending or committed)."""
-        delay, failures = 0.05, 0
-        while True:
-            try:
-                with self._write_txn(conn) as c:
-                    dup = [r.request_id for r in rows
-                           if c.execute(_REC_INSERT, [getattr(r, f) for f in _REC_FIELDS]).rowcount == 0]
-                if dup:
-                    log.error("ledger: rows for %d request(s) already recorded were ignored (a bug: one row "
-                              "per request): %s", len(dup), ", ".join(dup[:10]))
-                break
-            except Exception as e:  # noqa: BLE001 - the writer must outlive any one failure
-                failures += 1
-                log.error("ledger: committing %d rows failed (%s); retrying", len(rows), e)
-                if self._stopping and failures >= _STOP_RETRIES:
-                    log.error("ledger: giving up on %d rows at shutdown: %s", len(rows),
-                              ", ".join(r.request_id for r in rows[:10]))
-                    break
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        with self._pending_lock:
-            for r in rows:
-                if self._pending.get(r.request_id) is r:
-                    del self._pending[r.request_id]
-
-    def _pending_rows(self, *, key_id=None, partner=None, since=None, until=None) -> list[UsageRecord]:
-        with self._pending_lock:
-            rows = list(self._pending.values())
-        return [r for r in rows if (key_id is None or r.key_id == key_id) and (partner is None or r.partner == partner)
-                and (since is None or r.created_at >= since) and (until is None or r.created_at < until)]
-
-    @staticmethod
-    def _where(*, key_id=None, partner=None, since=None, until=None) -> tuple[str, list]:
-        sql, params = " WHERE 1=1", []
-        for col, op, val in (("key_id", "=", key_id), ("partner", "=", partner),
-                             ("created_at", ">=", since), ("created_at", "<", until)):
-            if val is not None:
-                sql += f" AND {col} {op} ?"
-                params.append(val)
-        return sql, params
+    # -------------------------------------------------------------------------------------- reads
 
     def _read_merged(self, query: Callable[[sqlite3.Connection, str, list], object], **filters):
-        """(query result over committed rows, the queued rows matching `filters` that are not committed).
+        """(query result over committed rows, committed rows that a pending version supersedes (to
+        take away), pending rows matching `filters` (to add)).
 
-        The pending snapshot is taken first: a row missing from it was committed before it (the writer
-        commits, then un-pends), so the query sees it. A row in the snapshot that commits meanwhile is
-        found by request_id in the same read transaction and counted once, from the database.
+        The pending snapshot is taken first: a version missing from it was committed before it (the
+        writer commits, then un-pends), so the query sees it. A request with a pending version counts
+        once, from that version: its committed row (an older "running" one, or the same row committed
+        meanwhile) is fetched in the same read transaction and taken away.
         """
-        pending = self._pending_rows(**filters)
-        where, params = self._where(**filters)
+        pending = self._ledger.pending()
+        where, params = _where(**filters)
+        shadowed: list[UsageRecord] = []
         with self._read_lock:
             c = self._conn
-            c.execute("BEGIN")  # one read snapshot for both queries
+            c.execute("BEGIN")  # one read snapshot for every query
             try:
                 result = query(c, where, params)
-                committed: set[str] = set()
-                ids = [r.request_id for r in pending]
+                ids = list(pending)
                 for i in range(0, len(ids), 500):
                     chunk = ids[i:i + 500]
-                    committed.update(row[0] for row in c.execute(
-                        f"SELECT request_id FROM ledger WHERE request_id IN ({', '.join('?' * len(chunk))})", chunk))
+                    shadowed += [UsageRecord(*row) for row in c.execute(
+                        f"SELECT {REC_COLS} FROM ledger{where} AND request_id IN ({', '.join('?' * len(chunk))})",
+                        params + chunk)]
             finally:
                 c.execute("COMMIT")
-        return result, [r for r in pending if r.request_id not in committed]
+        return result, shadowed, [r for r in pending.values() if _matches(r, **filters)]
 
-    def tokens_used(self, key_id: str, since: float) -> int:
-        """prompt + completion tokens of `key_id`'s requests created at or after `since`, including rows
-        still queued for the writer (so a quota check can never undercount)."""
-        total, pending = self._read_merged(
+    def _tokens(self, **filters) -> int:
+        total, shadowed, pending = self._read_merged(
             lambda c, where, params: c.execute(
                 f"SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM ledger{where}", params).fetchone()[0],
-            key_id=key_id, since=since)
-        return int(total) + sum(r.total_tokens for r in pending)
+            **filters)
+        return int(total) - sum(r.total_tokens for r in shadowed) + sum(r.total_tokens for r in pending)
+
+    def tokens_used(self, key_id: str, since: float) -> int:
+        """prompt + completion tokens of `key_id`'s requests created at or after `since`, whatever their
+        status (running rows with what they know so far), including rows not committed yet (so a quota
+        check can never undercount)."""
+        return self._tokens(key_id=key_id, since=since)
+
+    def chain_tokens_used(self, owner_id: str, since: float) -> int:
+        """tokens_used summed over every key that `owner_id` owns (itself and the keys that replaced it,
+        see quota_owner): the `used` of QuotaManager(store.chain_tokens_used, owner=store.quota_owner)."""
+        with self._read_lock:
+            ids = {r[0] for r in self._conn.execute("SELECT key_id FROM api_keys WHERE owner_id = ?", (owner_id,))}
+        return self._tokens(key_ids=sorted(ids | {owner_id}), since=since)
 
     def usage(self, *, partner: str | None = None, since: float | None = None, key_id: str | None = None,
               until: float | None = None) -> list[UsageRecord]:
-        """Ledger rows (committed and queued) matching the filters, oldest first; `since` inclusive,
-        `until` exclusive."""
-        rows, pending = self._read_merged(
-            lambda c, where, params: c.execute(f"SELECT {_REC_COLS} FROM ledger{where}", params).fetchall(),
+        """Ledger rows (committed and not yet) matching the filters, oldest first; `since` inclusive,
+        `until` exclusive. Running rows show what they know so far."""
+        rows, shadowed, pending = self._read_merged(
+            lambda c, where, params: c.execute(f"SELECT {REC_COLS} FROM ledger{where}", params).fetchall(),
             partner=partner, since=since, key_id=key_id, until=until)
-        recs = [UsageRecord(*r) for r in rows] + pending
-        recs.sort(key=lambda r: (r.created_at, r.request_id))
-        return recs
+        recs = {r.request_id: r for r in map(lambda row: UsageRecord(*row), rows)}
+        for r in shadowed:
+            recs.pop(r.request_id, None)
+        recs.update((r.request_id, r) for r in pending)
+        return sorted(recs.values(), key=lambda r: (r.created_at, r.request_id))
 
     def usage_summary(self, *, partner: str | None = None, since: float | None = None,
                       until: float | None = None) -> list[dict]:
         """One dict per (partner, key_id, model): requests, prompt/completion/cached/total tokens,
         statuses ({"ok": n, ...}), first and last request time. Sorted by partner, key, model."""
-        rows, pending = self._read_merged(
+        rows, shadowed, pending = self._read_merged(
             lambda c, where, params: c.execute(
                 "SELECT partner, key_id, model, status, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
                 f"SUM(cached_tokens), MIN(created_at), MAX(created_at) FROM ledger{where} "
                 "GROUP BY partner, key_id, model, status", params).fetchall(),
             partner=partner, since=since, until=until)
-        rows = list(rows) + [(r.partner, r.key_id, r.model, r.status, 1, r.prompt_tokens, r.completion_tokens,
-                              r.cached_tokens, r.created_at, r.created_at) for r in pending]
+        # Superseded committed rows count -1, pending versions +1 (first/last times are min/max, which
+        # cannot be taken away; a request's versions share created_at, so they do not move them).
+        rows = [(*row, 1) for row in rows] + [
+            (r.partner, r.key_id, r.model, r.status, 1, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
+             r.created_at, r.created_at, sign) for sign, recs in ((-1, shadowed), (1, pending)) for r in recs]
         groups: dict[tuple, dict] = {}
-        for p, k, m, status, n, pt, ct, cached, first, last in rows:
+        for p, k, m, status, n, pt, ct, cached, first, last, sign in rows:
             g = groups.setdefault((p, k, m), {
                 "partner": p, "key_id": k, "model": m, "requests": 0, "prompt_tokens": 0,
                 "completion_tokens": 0, "cached_tokens": 0, "total_tokens": 0, "statuses": {},
                 "first_at": first, "last_at": last})
-            g["requests"] += n
-            g["prompt_tokens"] += pt
-            g["completion_tokens"] += ct
-            g["cached_tokens"] += cached
-            g["total_tokens"] += pt + ct
-            g["statuses"][status] = g["statuses"].get(status, 0) + n
+            g["requests"] += sign * n
+            g["prompt_tokens"] += sign * pt
+            g["completion_tokens"] += sign * ct
+            g["cached_tokens"] += sign * cached
+            g["total_tokens"] += sign * (pt + ct)
+            g["statuses"][status] = g["statuses"].get(status, 0) + sign * n
             g["first_at"], g["last_at"] = min(g["first_at"], first), max(g["last_at"], last)
-        for g in groups.values():
-            g["statuses"] = dict(sorted(g["statuses"].items()))
-        return [groups[k] for k in sorted(groups)]
+        out = []
+        for key in sorted(groups):
+            g = groups[key]
+            if g["requests"] > 0:
+                g["statuses"] = {s: n for s, n in sorted(g["statuses"].items()) if n}
+                out.append(g)
+        return out
 
 
 # ------------------------------------------------------------------------------------- validation

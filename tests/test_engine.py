@@ -16,22 +16,24 @@ import random
 import pytest
 import torch
 
-from muse.common.errors import ResourceError, UsageError
+from muse.common.errors import ConfigError, ResourceError, UsageError
+from muse.infer.client import EngineClient, ThreadEngineClient
 from muse.infer.engine import (
     LLM,
     CompletionOutput,
     Engine,
-    EngineClient,
     EngineConfig,
     EngineDeadError,
+    OutputProcessor,
     RequestOutput,
-    _Tracker,
+    RequestTracker,
 )
 from muse.infer.generate import generate
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan
 from muse.infer.sampler import sample as _general_sample
+from muse.infer.sampler import token_logprobs as _general_token_logprobs
 from muse.infer.sampling_params import SamplingParams
-from muse.infer.scheduler import RequestDelta
+from muse.infer.scheduler import RequestDelta, SchedulerConfig
 from muse.infer.spec_decode import SpeculativeConfig
 from muse.model import ModelConfig, build_model
 
@@ -360,12 +362,12 @@ def test_tracker_snapshot_is_a_deep_copy_the_caller_may_keep():
     # the tracker's output, and stay equal to it while the tracker goes on
     assert [f.name for f in dataclasses.fields(CompletionOutput)] == [
         "index", "token_ids", "new_token_ids", "finish_reason", "stop_reason", "logprobs", "text"], \
-        "a new CompletionOutput field: copy it in _Tracker.snapshot, then update this list"
+        "a new CompletionOutput field: copy it in RequestTracker.snapshot, then update this list"
     assert [f.name for f in dataclasses.fields(RequestOutput)] == [
         "request_id", "prompt_token_ids", "outputs", "prompt_logprobs", "num_cached_tokens", "finished"], \
-        "a new RequestOutput field: copy it in _Tracker.snapshot, then update this list"
+        "a new RequestOutput field: copy it in RequestTracker.snapshot, then update this list"
     rng = random.Random(0)
-    t = _Tracker("r", [1, 2, 3], n=2, want_logprobs=True)
+    t = RequestTracker("r", [1, 2, 3], n=2, want_logprobs=True)
     kept = []
     for step in range(12):
         for index in range(2):
@@ -392,8 +394,8 @@ def test_engine_client_streams_and_aborts(model, workload):
     engine = Engine(model, EngineConfig(block_size=4, num_blocks=100, eos_token_id=EOS))
 
     async def main():
-        client = EngineClient(engine)
-        assert client.is_healthy
+        client = ThreadEngineClient(engine)
+        assert client.is_healthy and isinstance(client, EngineClient)
 
         async def collect(i):
             new, last = [], None
@@ -454,11 +456,13 @@ def test_engine_client_streams_and_aborts(model, workload):
             raise RuntimeError("device lost")
         engine.runner.execute = boom
         died = []
-        with pytest.raises(EngineDeadError):
+        with pytest.raises(EngineDeadError) as info:
             async for _ in client.add_request(prompts[2], SamplingParams(max_tokens=5), on_finish=died.append):
                 pass
         assert len(died) == 1 and isinstance(died[0], EngineDeadError)
-        assert client.dead and not client.is_healthy
+        assert client.dead and not client.is_healthy and client.restarts == 0
+        # what a client may be shown: no exception reprs (the detail is in the log)
+        assert "device lost" not in str(info.value) and "Error(" not in str(info.value)
         late = []
         with pytest.raises(EngineDeadError):
             async for _ in client.add_request(prompts[2], SamplingParams(max_tokens=5), on_finish=late.append):
@@ -467,6 +471,158 @@ def test_engine_client_streams_and_aborts(model, workload):
         await client.shutdown()
 
     asyncio.run(main())
+
+
+# ---- no request takes the engine down ----------------------------------------------------------
+
+def test_every_token_id_a_request_carries_is_checked_at_admission(model):
+    """Regression: stop_token_ids=[999999] with min_tokens=1 was accepted, then the stop mask indexed
+    the logits with it (IndexError) and the step failed for every request."""
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=60))
+    with pytest.raises(UsageError, match="stop_token_ids has token id 999999, outside the vocabulary"):
+        engine.add_request("bad", [1, 2], SamplingParams(stop_token_ids=[999999], min_tokens=1))
+    with pytest.raises(UsageError, match=f"prompt has token id {V}"):
+        engine.add_request("bad", [1, V], SamplingParams())
+    assert not engine.has_unfinished_requests() and not engine.has_request("bad")
+    outs = run_engine(engine, [("ok", [1, 2, 3], SamplingParams(max_tokens=3, stop_token_ids=[V - 1], min_tokens=1,
+                                                                ignore_eos=True), 0)])
+    assert len(outs["ok"].token_ids) == 3
+
+
+MARK_SEED, MARK_LOGPROBS = 666, 7
+
+
+def _inject_failures(monkeypatch):
+    """Sampling raises for rows of requests seeded MARK_SEED, logprobs for requests asking MARK_LOGPROBS."""
+    import muse.infer.runner as runner_mod
+
+    def sample(logits, batch):
+        if any(r.seed == MARK_SEED for r in batch.rows):
+            raise RuntimeError("injected sampling failure")
+        return _general_sample(logits, batch)
+
+    def token_logprobs(logits, token_ids, num_top):
+        if MARK_LOGPROBS in num_top:
+            raise RuntimeError("injected logprobs failure")
+        return _general_token_logprobs(logits, token_ids, num_top)
+
+    monkeypatch.setattr(runner_mod, "sample", sample)
+    monkeypatch.setattr(runner_mod, "token_logprobs", token_logprobs)
+
+
+@pytest.mark.parametrize("where", ["sample", "logprobs"])
+@pytest.mark.parametrize("config", ["chunked+prefix", "ngram-spec"])
+def test_a_request_the_runner_fails_on_finishes_with_error_and_the_others_go_on(model, workload, monkeypatch,
+                                                                                 where, config):
+    """A failure in one request's sampling (or its logprobs, after the batch's tokens were appended to
+    the runner's state) fails that request alone: it finishes with "error", its blocks are freed, and
+    its batch mates (greedy, and seeded sampling whose tokens depend on the runner's state being rolled
+    back exactly) finish as they do without it."""
+    _inject_failures(monkeypatch)
+    prompts, max_tokens, _, ref = workload
+    good = [("0", prompts[0], SamplingParams(max_tokens=max_tokens[0], temperature=0), 0),
+            ("1", prompts[1], SamplingParams(max_tokens=max_tokens[1], temperature=0, logprobs=2), 0),
+            ("s", prompts[2], SamplingParams(max_tokens=20, temperature=0.8, seed=5, logprobs=1, ignore_eos=True), 0)]
+    bad = (SamplingParams(max_tokens=30, temperature=0.9, seed=MARK_SEED, ignore_eos=True) if where == "sample"
+           else SamplingParams(max_tokens=30, temperature=0, logprobs=MARK_LOGPROBS, ignore_eos=True))
+    cfg = dict(block_size=4, eos_token_id=EOS, **CONFIGS[config])
+    alone = run_engine(Engine(model, EngineConfig(**cfg)), good)
+    engine = Engine(model, EngineConfig(**cfg))
+    outs = run_engine(engine, good + [("bad", prompts[3], bad, 1)])
+    assert outs["bad"].finished and outs["bad"].finish_reason == "error" and outs["bad"].failed
+    for rid in ("0", "1", "s"):
+        assert not outs[rid].failed
+        assert outs[rid].token_ids == alone[rid].token_ids
+        assert [e.token_id for e in outs[rid].outputs[0].logprobs or []] == \
+            [e.token_id for e in alone[rid].outputs[0].logprobs or []]
+    assert [outs["0"].token_ids, outs["1"].token_ids] == ref[:2]
+    assert engine.stats().num_requests_finished == 4
+
+
+def test_a_lone_failing_request_is_its_own_fault_a_broken_sampler_is_the_engines(model, monkeypatch):
+    _inject_failures(monkeypatch)
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=60))
+    outs = run_engine(engine, [("bad", [1, 2, 3], SamplingParams(seed=MARK_SEED), 0)])
+    assert outs["bad"].finish_reason == "error"  # alone in its step, but a plain row still samples
+    import muse.infer.runner as runner_mod
+
+    def broken(logits, batch):
+        raise RuntimeError("the device is gone")
+    monkeypatch.setattr(runner_mod, "sample", broken)
+    engine.add_request("a", [1, 2], SamplingParams(seed=1))
+    engine.add_request("b", [3, 4], SamplingParams(seed=2))
+    with pytest.raises(RuntimeError, match="the device is gone"):
+        engine.step()
+
+
+def test_the_thread_client_reports_a_failed_request_and_serves_the_others(model, workload, monkeypatch):
+    _inject_failures(monkeypatch)
+    prompts, max_tokens, _, ref = workload
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=100, eos_token_id=EOS))
+
+    async def main():
+        client = ThreadEngineClient(engine)
+        finished: list = []
+
+        async def last(prompt, params):
+            out = None
+            async for out in client.add_request(prompt, params, on_finish=finished.append):  # noqa: B007
+                pass
+            return out
+
+        outs = await asyncio.gather(
+            last(prompts[0], SamplingParams(max_tokens=max_tokens[0], temperature=0)),
+            last(prompts[1], SamplingParams(max_tokens=10, seed=MARK_SEED)),
+            last(prompts[2], SamplingParams(max_tokens=max_tokens[2], temperature=0)))
+        assert client.is_healthy
+        await client.shutdown()
+        return outs, finished
+
+    outs, finished = asyncio.run(main())
+    assert outs[1].failed and outs[1].finish_reason == "error"
+    assert [outs[0].token_ids, outs[2].token_ids] == [ref[0], ref[2]]
+    assert sorted(f.failed for f in finished) == [False, False, True]
+    assert_all_blocks_free(engine)
+
+
+# ---- structure ------------------------------------------------------------------------------------
+
+def test_engine_config_declares_the_scheduler_fields_once(model):
+    """EngineConfig extends SchedulerConfig (no field declared twice, no field-by-field copy), and keyword
+    construction keeps working; the engine fills in what it derives."""
+    sched_fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    assert sched_fields <= {f.name for f in dataclasses.fields(EngineConfig)}
+    assert not sched_fields & set(EngineConfig.__dict__.get("__annotations__", {}))
+    engine = Engine(model, EngineConfig(max_num_seqs=3, block_size=4, num_blocks=50, max_num_batched_tokens=40,
+                                        enable_prefix_caching=False, eos_token_id=EOS))
+    got = engine.scheduler.config
+    assert type(got) is SchedulerConfig
+    assert (got.max_num_seqs, got.block_size, got.num_blocks, got.max_num_batched_tokens, got.max_model_len,
+            got.enable_prefix_caching, got.enable_chunked_prefill, got.eos_token_id) == \
+        (3, 4, 50, 40, model.config.max_seq_len, False, True, EOS)
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)
+
+
+def test_step_deltas_folded_once_equal_step(model, workload):
+    """The engine emits per-step deltas; folding them on the caller's side (what both clients do) gives
+    exactly what Engine.step() gives, output by output."""
+    reqs = greedy_requests(workload, n=2)[:10]
+    cfg = EngineConfig(block_size=4, eos_token_id=EOS, num_blocks=200, max_num_batched_tokens=32)
+    a, b = Engine(model, cfg), Engine(model, cfg)
+    folder = OutputProcessor()
+    for rid, prompt, params, _ in reqs:
+        a.add_request(rid, prompt, params)
+        b.add_request(rid, prompt, params)
+        folder.add(rid, prompt, params)
+    steps = 0
+    while a.has_unfinished_requests():
+        deltas = b.step_deltas()
+        assert all(isinstance(d, RequestDelta) for d in deltas)
+        assert a.step() == folder.process(deltas)
+        steps += 1
+    assert not b.has_unfinished_requests() and not folder.request_ids() and steps > 10
+    assert a.stats() == b.stats()
 
 
 # ---- muse generate ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""EngineProcessClient: the engine in a child process gives every stream what the in-thread EngineClient
-gives it, keeps EngineClient's on_finish contract, and fails loudly (never hangs) when the child dies."""
+"""EngineProcessClient: the engine in a child process gives every stream what the in-thread
+ThreadEngineClient gives it, keeps the EngineClient on_finish contract, fails loudly (never hangs) when
+the child dies, and replaces a dead child under its restart policy."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import asyncio
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
 
 from muse.common.errors import CheckpointError, UsageError
-from muse.infer.engine import Engine, EngineClient, EngineConfig, EngineDeadError
-from muse.infer.engine_process import EngineProcessClient, EngineSpec
+from muse.infer.client import EngineClient, ThreadEngineClient
+from muse.infer.engine import Engine, EngineConfig, EngineDeadError, EngineRestartingError
+from muse.infer.engine_process import EngineProcessClient, EngineSpec, RestartPolicy
 from muse.infer.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(120)]
@@ -78,7 +81,7 @@ def test_outputs_equal_the_in_thread_client(client, checkpoint):
     proc_outs, proc_finished = asyncio.run(run(client))
 
     async def threaded():
-        c = EngineClient(Engine.from_checkpoint(checkpoint, CONFIG))
+        c = ThreadEngineClient(Engine.from_checkpoint(checkpoint, CONFIG))
         try:
             return await run(c)
         finally:
@@ -152,25 +155,29 @@ def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(client):
     wait_until(lambda: client.stats().num_free_blocks == client.stats().num_blocks and client.stats().num_running == 0)
 
 
-def test_a_dead_engine_process_fails_streams_and_refuses_work(checkpoint):
-    c = EngineProcessClient(EngineSpec(str(checkpoint), CONFIG, threads=1))
+def test_a_dead_engine_process_past_its_restart_limit_fails_streams_and_refuses_work(checkpoint):
+    c = EngineProcessClient(EngineSpec(str(checkpoint), CONFIG, threads=1), restart=RestartPolicy(max_restarts=0))
 
     async def run():
         finished: list = []
         stream = c.add_request([1, 2, 3], SamplingParams(max_tokens=120, ignore_eos=True), "doomed",
                                on_finish=finished.append)
         await stream.__anext__()
-        os.kill(c._proc.pid, signal.SIGKILL)
-        with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+        os.kill(c.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError) as info:
             async for _ in stream:
                 pass
         assert len(finished) == 1 and isinstance(finished[0], EngineDeadError)
-        assert not c.is_healthy and c.dead
-        with pytest.raises(EngineDeadError):
+        wait_until(lambda: c.dead)
+        assert not c.is_healthy and c.restarts == 0
+        with pytest.raises(EngineDeadError, match="repeated failures") as late:
             await collect(c, [1], SamplingParams(max_tokens=1), "after", finished)
+        assert not late.value.retryable
         assert len(finished) == 2 and isinstance(finished[1], EngineDeadError)
+        return info.value
 
-    asyncio.run(run())
+    err = asyncio.run(run())
+    assert "0x" not in str(err) and "Error(" not in str(err)  # no reprs or addresses for clients
     c.close()
 
 
@@ -183,7 +190,7 @@ def test_shutdown_stops_the_process_and_fails_what_runs(checkpoint):
                                on_finish=finished.append)
         await stream.__anext__()
         await c.shutdown()
-        assert c._proc.returncode == 0 and not c.is_healthy
+        assert c.exit_code == 0 and not c.is_healthy
         with pytest.raises(EngineDeadError, match="shut down"):
             async for _ in stream:
                 pass
@@ -208,7 +215,7 @@ def test_the_engine_process_exits_when_its_parent_is_killed(checkpoint):
             "from muse.infer.engine import EngineConfig\n"
             "from muse.infer.engine_process import EngineProcessClient, EngineSpec\n"
             f"c = EngineProcessClient(EngineSpec({str(checkpoint)!r}, EngineConfig(num_blocks=16, block_size=8), threads=1))\n"
-            "print(c._proc.pid, flush=True)\n"
+            "print(c.pid, flush=True)\n"
             "sys.stdin.read()\n")
     owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -227,3 +234,127 @@ def test_the_engine_process_exits_when_its_parent_is_killed(checkpoint):
         wait_until(gone)
     finally:
         owner.kill()
+
+
+# ---- both clients: the EngineClient contract ----------------------------------------------------------
+
+
+@pytest.fixture(params=["thread", "process"])
+def any_client(request, client, checkpoint):
+    """The shared process client, or a fresh ThreadEngineClient over the same checkpoint."""
+    if request.param == "process":
+        yield client
+        return
+    c = ThreadEngineClient(Engine.from_checkpoint(checkpoint, CONFIG))
+    yield c
+    asyncio.run(c.shutdown())
+
+
+def test_consumers_that_hang_up_before_the_engine_answers_never_take_it_down(any_client):
+    """Regression: a consumer cancelled right after add_request (a client closing its connection) made
+    the engine's side resolve a future the cancellation had cancelled (InvalidStateError), which killed
+    the engine thread (ThreadEngineClient) or the reader (EngineProcessClient) for every request. The
+    engine's side is held (an on_finish that blocks runs on it) while the consumers are cancelled, so
+    every answer comes after its cancellation."""
+    client = any_client
+    assert isinstance(client, EngineClient)
+    n = 24
+    hold, held, all_done = threading.Event(), threading.Event(), threading.Event()
+    finals: list = []
+
+    def blocker(_):
+        held.set()
+        hold.wait(60)
+
+    def on_finish(result):
+        finals.append(result)
+        if len(finals) == n:
+            all_done.set()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        holder = asyncio.create_task(collect(client, [1, 2, 3], SamplingParams(max_tokens=1), "holder", []))
+        gen = client.add_request([4, 5], SamplingParams(max_tokens=1), "blocker", on_finish=blocker)
+        blocking = asyncio.create_task(anext(gen))
+        assert await loop.run_in_executor(None, held.wait, 60)
+        streams = [client.add_request([1 + i, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), f"gone-{i}",
+                                      on_finish=on_finish) for i in range(n)]
+        tasks = [asyncio.create_task(anext(s)) for s in streams]
+        await asyncio.sleep(0)  # one turn: each task sends its request and waits for the first output
+        for t in tasks:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        hold.set()
+        await blocking
+        await gen.aclose()
+        await holder
+        assert await loop.run_in_executor(None, all_done.wait, 60)
+        # the engine is alive and serves a later request; nothing was finished twice
+        later = await collect(client, [7, 8, 9], SamplingParams(max_tokens=4, ignore_eos=True), "later", [])
+        assert later[-1].finished and len(later[-1].token_ids) == 4
+        return client.stats()
+
+    stats = asyncio.run(run())
+    assert client.is_healthy and not client.dead
+    assert len(finals) == n and sorted(f.request_id for f in finals) == sorted(f"gone-{i}" for i in range(n))
+    assert all(f.finished and f.finish_reason == "abort" for f in finals)
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_reset_prefix_cache_drops_what_a_later_request_would_hit(any_client):
+    client = any_client
+    prompt = list(range(1, 40))  # 4 full blocks of 8
+
+    async def run():
+        first = await collect(client, prompt, SamplingParams(max_tokens=2, temperature=0), "p1", [])
+        again = await collect(client, prompt, SamplingParams(max_tokens=2, temperature=0), "p2", [])
+        dropped = await client.reset_prefix_cache()
+        after = await collect(client, prompt, SamplingParams(max_tokens=2, temperature=0), "p3", [])
+        return first[-1], again[-1], dropped, after[-1]
+
+    first, again, dropped, after = asyncio.run(run())
+    assert again.num_cached_tokens == 32 and dropped >= 4
+    assert after.num_cached_tokens == 0 and after.token_ids == first.token_ids
+
+
+# ---- supervision -------------------------------------------------------------------------------------
+
+
+def test_a_killed_engine_process_is_restarted_and_in_flight_requests_fail_retryably(checkpoint):
+    c = EngineProcessClient(EngineSpec(str(checkpoint), CONFIG, threads=1), restart=RestartPolicy(backoff_s=0.0))
+    try:
+        async def run():
+            finished: list = []
+            stream = c.add_request([1, 2, 3], SamplingParams(max_tokens=120, ignore_eos=True), "doomed",
+                                   on_finish=finished.append)
+            await stream.__anext__()
+            old = c.pid
+            os.kill(old, signal.SIGKILL)
+            with pytest.raises(EngineRestartingError) as info:
+                async for _ in stream:
+                    pass
+            assert info.value.retryable and isinstance(info.value, EngineDeadError)
+            assert len(finished) == 1 and finished[0] is info.value
+            # while the new process loads, requests are refused with the same retryable error
+            with pytest.raises(EngineRestartingError):
+                await collect(c, [1], SamplingParams(max_tokens=1), "early", finished)
+            await asyncio.get_running_loop().run_in_executor(None, wait_until, lambda: c.is_healthy, 60)
+            assert c.pid != old and not c.dead
+            outs = await collect(c, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True), "after", finished)
+            assert outs[-1].finished and len(outs[-1].token_ids) == 5 and finished[-1] == outs[-1]
+            return info.value
+
+        err = asyncio.run(run())
+        assert c.restarts == 1
+        assert "0x" not in str(err) and "Error(" not in str(err) and "Traceback" not in str(err)
+    finally:
+        c.close()
+
+
+def test_restart_policy_backs_off_and_gives_up():
+    p = RestartPolicy(max_restarts=3, window_s=60, backoff_s=1.0, max_backoff_s=3.0)
+    assert [p.record_death(t) for t in (0, 1, 2)] == [1.0, 2.0, 3.0]
+    assert p.record_death(3) is None                    # a fourth death within the window: give up
+    q = RestartPolicy(max_restarts=1, window_s=10, backoff_s=0.5)
+    assert q.record_death(0) == 0.5 and q.record_death(20) == 0.5  # the first one left the window

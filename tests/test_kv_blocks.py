@@ -281,3 +281,33 @@ def test_placement_prefers_a_run_of_uncached_blocks_to_evicting_cached_ones():
     assert got == [got[0], got[0] + 1] and got[0] >= 8  # never-used blocks 8..15, nothing evicted
     assert pool.num_evictions == 0 and pool.num_cached_blocks == 8
     pool.check_invariants(Counter(got))
+
+
+def test_reset_prefix_cache_forgets_free_and_held_blocks_and_stops_registering_held_ones():
+    """After a weight update nothing computed before may be hit: free cached blocks become plain free
+    blocks, held ones leave the index (their holder keeps them), and a holder registers none of the
+    blocks it fills later (they continue K/V of the old weights)."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    done = req("done", list(range(9)))
+    admit(kv, done)
+    kv.free(done)                                        # 2 cached blocks, free
+    held = req("held", list(range(100, 109)))
+    admit(kv, held)                                      # 2 cached blocks, held
+    assert kv.pool.num_cached_blocks == 4
+    assert kv.reset_prefix_cache() == 4
+    assert kv.pool.num_cached_blocks == 0
+    kv.check_invariants()
+    assert kv.get_computed_blocks(req("x", list(range(9))))[1] == 0
+    assert kv.get_computed_blocks(req("y", list(range(100, 109))))[1] == 0
+    held.num_computed_tokens = 9
+    for t in range(109, 116):                            # decode until its third block is full
+        held.append_output(t)
+        assert kv.allocate_slots(held, 1)
+        held.num_computed_tokens += 1
+    assert kv.pool.num_cached_blocks == 0
+    kv.check_invariants()
+    kv.free(held)
+    again = req("again", list(range(100, 109)))          # computed after the reset: cached again
+    admit(kv, again)
+    assert kv.pool.num_cached_blocks == 2
+    kv.check_invariants()

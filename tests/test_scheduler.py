@@ -504,3 +504,43 @@ def test_stress_random_requests_small_pool_random_aborts(seed, chunked, caching,
         assert st.prefix_cache_hit_tokens > 0
     if spec_k:
         assert 0 < st.num_accepted_tokens < st.num_draft_tokens
+
+
+# ----- robustness: what one request may ask for, and failing one request alone ----------------------
+def test_stop_token_ids_are_deduplicated_and_bounded():
+    """Regression: 60,000 repeated stop ids were kept as they came (scanned per token, masked per row:
+    97 s for one request, every batch mate slowed down). Duplicates go; more than the bound is a 400."""
+    from muse.infer.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_TOKEN_IDS
+
+    assert SamplingParams(stop_token_ids=[5, 7] * 30_000 + [5]).stop_token_ids == (5, 7)
+    SamplingParams(stop_token_ids=range(MAX_STOP_TOKEN_IDS))
+    with pytest.raises(UsageError, match=f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS}"):
+        SamplingParams(stop_token_ids=range(MAX_STOP_TOKEN_IDS + 1))
+    with pytest.raises(UsageError, match=f"n must be <= {MAX_N}"):
+        SamplingParams(n=MAX_N + 1)
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(UsageError, match=f"{name} must be <= {MAX_LOGPROBS}"):
+            SamplingParams(**{name: MAX_LOGPROBS + 1})
+
+
+def test_a_request_the_runner_failed_finishes_with_error_and_frees_its_blocks():
+    s = Scheduler(cfg())
+    runner = FakeRunner(4)
+    for rid in ("a", "b"):
+        s.add_request(Request(rid, [1, 2, 3, 4, 5], SamplingParams(max_tokens=5, ignore_eos=True)))
+    out = s.schedule()
+    res = runner.execute(out)
+    res.failed.add("a")
+    deltas = s.update_from_output(out, res)
+    assert [(d.request_id, d.finish_reason, d.new_token_ids) for d in deltas] == [
+        ("a", "error", []), ("b", None, res.sampled_token_ids["b"])]
+    s.check_invariants()
+    tokens, reasons = run_all(s, runner)
+    assert reasons == {"b": "length"} and s.kv.num_free_blocks == 64
+
+
+def test_a_scheduler_needs_the_limits_an_engine_derives():
+    with pytest.raises(ConfigError, match="num_blocks and max_model_len"):
+        Scheduler(SchedulerConfig(num_blocks=8))
+    base = SchedulerConfig(num_blocks=8, max_model_len=32)
+    assert base.for_scheduler(num_blocks=16) == SchedulerConfig(num_blocks=16, max_model_len=32)

@@ -1,4 +1,4 @@
-"""Engine: the step loop (schedule -> execute -> update), and the two ways to drive it.
+"""Engine: the step loop (schedule -> execute -> update), and the synchronous way to drive it.
 
     engine = Engine(model, EngineConfig(max_num_seqs=64), tokenizer=tok)
     engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=64))
@@ -6,11 +6,18 @@
         for out in engine.step():            # RequestOutput of every request that changed
             ...
 
-`LLM` is the synchronous facade for offline batches (`generate(prompts, params)`, with a progress
-bar); `EngineClient` runs the same loop in a background thread for asyncio code (the server, eval,
-RL rollouts): `async for out in client.add_request(ids, params)`, `client.abort(id)`, health and
-stats. Outputs are merged per client request: the n samples of one request arrive as one
+`Engine.step_deltas()` is the step itself: per sample, only what is new this step (`RequestDelta`).
+Deltas travel, state accumulates once: the engine clients (client.py: the in-thread
+`ThreadEngineClient`; engine_process.py: `EngineProcessClient`) fold them into `RequestOutput`s with
+one `OutputProcessor` on the caller's side. `Engine.step()` folds them itself, for synchronous callers:
+`LLM`, the facade for offline batches (`generate(prompts, params)`, with a progress bar), benchmarks
+and tests. Outputs are merged per client request: the n samples of one request arrive as one
 `RequestOutput` with n `CompletionOutput`s.
+
+No request can take the engine down: token ids are checked against the vocabulary at admission
+(UsageError, nothing queued), and a request the runner fails on alone finishes with finish_reason
+"error" while the others go on (runner.py). Only a failure common to every request (the forward
+pass, the device) raises from a step.
 
 The engine works on token ids. Text appears only in `LLM` (encode str prompts, decode outputs) when
 it has a tokenizer; stop strings, chat templates and detokenized streaming are the edges' business.
@@ -18,15 +25,9 @@ it has a tokenizer; stop strings, chat templates and detokenized streaming are t
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import dataclasses
 import itertools
-import queue
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,19 +50,13 @@ GPU_KV_CACHE_FRACTION = 0.8    # default: this fraction of the accelerator's fre
 
 
 @dataclass
-class EngineConfig:
-    """Engine limits; the scheduler's plus how big the KV pool is and whether to speculate."""
+class EngineConfig(SchedulerConfig):
+    """Engine limits: the scheduler's (inherited: num_blocks, block_size, max_num_seqs,
+    max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill, eos_token_id;
+    the engine derives those left None) plus how big the KV pool is and whether to speculate."""
 
-    block_size: int = 16
-    num_blocks: int | None = None           # None: sized from kv_cache_bytes
     kv_cache_bytes: int | None = None       # None: 80% of free accelerator memory; on CPU what max_num_seqs
-                                            # full-length sequences need, at most 2 GiB
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None        # None: the model's max_seq_len
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    eos_token_id: int | None = None         # None: the tokenizer's <|endoftext|> (when there is one)
+                                            # full-length sequences need, at most 2 GiB (when num_blocks is None)
     speculative: SpeculativeConfig | None = None
     seed: int = 0                           # seeds of unseeded requests are drawn from this
     max_batched_query: int = 64             # attention: query lengths up to this share padded calls
@@ -74,7 +69,9 @@ class CompletionOutput:
     index: int
     token_ids: list[int] = field(default_factory=list)
     new_token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None        # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "error" (the engine failed on this request alone; the others were
+    # unaffected: a server answers it with a 5xx) | None while running
+    finish_reason: str | None = None
     stop_reason: int | None = None          # the stop token id that ended it (None for eos)
     logprobs: list[TokenLogprob] | None = None
     text: str | None = None                 # LLM fills it when it has a tokenizer
@@ -108,6 +105,11 @@ class RequestOutput:
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
 
+    @property
+    def failed(self) -> bool:
+        """Some sample finished with "error": the engine failed on this request (and on it alone)."""
+        return any(c.finish_reason == "error" for c in self.outputs)
+
 
 @dataclass
 class EngineStats:
@@ -130,8 +132,22 @@ class EngineStats:
         return dataclasses.asdict(self)
 
 
-class _Tracker:
-    """Accumulates one client request's deltas (all n children) into a RequestOutput."""
+class EngineDeadError(RuntimeError):
+    """The engine stopped (a crash, or its client was shut down): streams fail with this and new
+    requests are refused. The message is safe to show a client; the details are in the log."""
+
+    retryable = False
+
+
+class EngineRestartingError(EngineDeadError):
+    """The engine process died and its client is starting a new one: this request is lost, but the
+    same request sent again once the client is healthy is served (a server answers 503 + Retry-After)."""
+
+    retryable = True
+
+
+class RequestTracker:
+    """Accumulates one client request's deltas (all n samples) into a RequestOutput."""
 
     def __init__(self, request_id: str, prompt: list[int], n: int, want_logprobs: bool):
         self.out = RequestOutput(request_id, prompt, [CompletionOutput(i, logprobs=[] if want_logprobs else None)
@@ -169,6 +185,45 @@ class _Tracker:
                              o.finished)
 
 
+class OutputProcessor:
+    """Folds per-step RequestDeltas into RequestOutputs: the one place state accumulates, on the
+    caller's side of the engine. Not thread-safe: its owner guards it."""
+
+    def __init__(self):
+        self._trackers: dict[str, RequestTracker] = {}
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self._trackers[request_id] = RequestTracker(request_id, prompt, params.n, params.logprobs is not None)
+
+    def discard(self, request_id: str) -> None:
+        """Stop following a request (refused, or failed by the client): its later deltas are ignored."""
+        self._trackers.pop(request_id, None)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._trackers
+
+    def request_ids(self) -> list[str]:
+        return list(self._trackers)
+
+    def process(self, deltas: Iterable[RequestDelta]) -> list[RequestOutput]:
+        """One RequestOutput per followed request that changed, in first-delta order; finished
+        requests are dropped after their last one."""
+        changed: dict[str, RequestTracker] = {}
+        for d in deltas:
+            rid = d.parent_id or d.request_id
+            tracker = self._trackers.get(rid)
+            if tracker is None:
+                continue
+            tracker.apply(d)
+            changed[rid] = tracker
+        outs = []
+        for rid, tracker in changed.items():
+            outs.append(tracker.snapshot())
+            if tracker.out.finished:
+                del self._trackers[rid]
+        return outs
+
+
 def _pool_blocks(model, config: EngineConfig, max_model_len: int) -> int:
     if config.num_blocks is not None:
         return config.num_blocks
@@ -190,8 +245,17 @@ def _pool_blocks(model, config: EngineConfig, max_model_len: int) -> int:
     return budget // per_block
 
 
+@dataclass
+class _Live:
+    """A client request the engine has not finished: what step() needs to fold its deltas."""
+
+    prompt: list[int]
+    params: SamplingParams
+    unfinished: int                          # samples still running
+
+
 class Engine:
-    """Scheduler + ModelRunner + per-request output trackers; see the module docstring."""
+    """Scheduler + ModelRunner; see the module docstring."""
 
     def __init__(self, model, config: EngineConfig | None = None, *, tokenizer=None):
         config = config or EngineConfig()
@@ -209,17 +273,16 @@ class Engine:
         if eos is None and tokenizer is not None:
             eos = tokenizer.eot_id
         self.eos_token_id = eos
-        self.scheduler = Scheduler(SchedulerConfig(
-            num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching,
-            enable_chunked_prefill=config.enable_chunked_prefill, eos_token_id=eos))
+        self.scheduler = Scheduler(config.for_scheduler(num_blocks=num_blocks, max_model_len=max_model_len,
+                                                        eos_token_id=eos))
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size,
                                   max_model_len=max_model_len, eos_token_id=eos, seed=config.seed,
                                   speculative=config.speculative, max_batched_query=config.max_batched_query,
                                   vocab_limit=None if tokenizer is None else tokenizer.vocab_size)
         self.num_blocks, self.max_model_len = num_blocks, max_model_len
-        self._trackers: dict[str, _Tracker] = {}
+        self.vocab_size: int = model.config.vocab_size
+        self._live: dict[str, _Live] = {}
+        self._folded = OutputProcessor()  # step()'s trackers (step_deltas() callers fold their own)
         self._counts = dict.fromkeys(("steps", "finished", "prompt", "generated"), 0)
 
     @classmethod
@@ -233,50 +296,86 @@ class Engine:
     # ----- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     params: SamplingParams | None = None) -> None:
-        """Queue a request; UsageError / ResourceError when it cannot be served (nothing is queued)."""
+        """Queue a request; UsageError / ResourceError when it cannot be served (nothing is queued).
+
+        Every token id the request carries (prompt, stop_token_ids) must be in the vocabulary: they
+        index tensors, and one out-of-range id would fail the step of every request batched with it."""
         params = params or SamplingParams()
         request_id = str(request_id)
-        if request_id in self._trackers:
+        if request_id in self._live:
             raise UsageError(f"request id {request_id} is already in use; ids must be unique")
         prompt = [int(t) for t in prompt_token_ids]
-        bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
-        if bad:
-            raise UsageError(f"request {request_id} has token id {bad[0]} outside the vocabulary "
-                             f"(0..{self.model.config.vocab_size - 1})")
+        self._check_vocab(request_id, "prompt", prompt)
+        self._check_vocab(request_id, "stop_token_ids", params.stop_token_ids)
         self.scheduler.add_request(Request(request_id, prompt, params))
-        self._trackers[request_id] = _Tracker(request_id, prompt, params.n, params.logprobs is not None)
+        self._live[request_id] = _Live(prompt, params, params.n)
         self._counts["prompt"] += len(prompt) * params.n
+
+    def _check_vocab(self, request_id: str, what: str, ids: Sequence[int]) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            raise UsageError(f"request {request_id}: {what} has token id {bad}, outside the vocabulary "
+                             f"(0..{self.vocab_size - 1})")
 
     def abort(self, request_id: str) -> None:
         """Abort a request (all its samples); its last output (finish "abort") comes with the next step."""
         self.scheduler.abort(str(request_id))
 
+    def has_request(self, request_id: str) -> bool:
+        """The request was added and has not delivered its final output yet."""
+        return str(request_id) in self._live
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache (call it after changing the model's weights); returns the entries
+        dropped. Running requests finish on the K/V they have (scheduler.reset_prefix_cache)."""
+        return self.scheduler.reset_prefix_cache()
+
     # ----- the step ----------------------------------------------------------------------------------
+    def step_deltas(self) -> list[RequestDelta]:
+        """One schedule -> execute -> update cycle: per sample that changed, what is new (token ids,
+        logprobs, prompt logprobs, the finish). `parent_id or request_id` is the client's request id.
+
+        A request the runner failed on alone gets a last delta with finish_reason "error"; an
+        exception from here is an engine failure (every request is lost). Use this or step(), not both."""
+        deltas = self._advance()
+        self._retire(deltas)
+        return deltas
+
     def step(self) -> list[RequestOutput]:
-        """One schedule -> execute -> update cycle; the RequestOutput of every request that changed."""
+        """step_deltas() folded: the RequestOutput of every request that changed (cumulative token ids,
+        this step's new_token_ids; the last one has finished=True)."""
+        deltas = self._advance()
+        for d in deltas:
+            rid = d.parent_id or d.request_id
+            if rid not in self._folded and rid in self._live:
+                live = self._live[rid]
+                self._folded.add(rid, live.prompt, live.params)
+        self._retire(deltas)
+        return self._folded.process(deltas)
+
+    def _advance(self) -> list[RequestDelta]:
         so = self.scheduler.schedule()
         ro = self.runner.execute(so)
         deltas = self.scheduler.update_from_output(so, ro)
         self._counts["steps"] += 1
-        changed: dict[str, _Tracker] = {}
+        return deltas
+
+    def _retire(self, deltas: list[RequestDelta]) -> None:
+        """Count the step's tokens; forget the client requests whose last sample finished."""
         for d in deltas:
-            rid = d.parent_id or d.request_id
-            tracker = self._trackers.get(rid)
-            if tracker is None:
-                continue
-            tracker.apply(d)
             self._counts["generated"] += len(d.new_token_ids)
-            changed[rid] = tracker
-        outs = []
-        for rid, tracker in changed.items():
-            outs.append(tracker.snapshot())
-            if tracker.out.finished:
-                del self._trackers[rid]
-                self._counts["finished"] += 1
-        return outs
+            if d.finish_reason is not None:
+                rid = d.parent_id or d.request_id
+                live = self._live.get(rid)
+                if live is None:
+                    continue
+                live.unfinished -= 1
+                if live.unfinished == 0:
+                    del self._live[rid]
+                    self._counts["finished"] += 1
 
     def stats(self) -> EngineStats:
         s, c = self.scheduler.stats(), self._counts
@@ -335,7 +434,7 @@ class LLM:
         except BaseException:
             for rid in added:
                 engine.abort(rid)
-            while any(rid in engine._trackers for rid in added):
+            while any(engine.has_request(rid) for rid in added):
                 engine.step()  # flushes the aborts: their blocks and trackers are released
             raise
         results: dict[str, RequestOutput] = {}
@@ -356,240 +455,3 @@ class LLM:
                 for c in out.outputs:
                     c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
         return outs
-
-
-def _put_all(items) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
-def deliver_step(streams: dict, lock: threading.Lock, outs: list[RequestOutput]) -> None:
-    """Hand one step's outputs to the streams listening for them (`streams`: request id -> (event loop,
-    asyncio.Queue), guarded by `lock`): one hand-over per event loop, not one per request (each
-    call_soon_threadsafe wakes the loop, and a loop serving many streams pays for every wake-up)."""
-    batches: dict[asyncio.AbstractEventLoop, list] = {}
-    with lock:
-        for out in outs:
-            target = streams.get(out.request_id)
-            if target is not None:
-                batches.setdefault(target[0], []).append((target[1], out))
-    for loop, items in batches.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # that event loop is closed: nobody is listening
-            pass
-
-
-def run_on_finish(cb: Callable, rid: str, result) -> None:
-    """Call a request's on_finish callback; a broken callback is logged, never raised into the loop
-    (engine thread or reader) that reports every other request."""
-    try:
-        cb(result)
-    except Exception:
-        log.exception("on_finish callback of request %s failed", rid)
-
-
-def fail_streams(targets, err: BaseException) -> None:
-    """End each stream (an (event loop, asyncio.Queue) pair) with `err`: the engine stopped."""
-    for loop, q in targets:
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, err)
-        except RuntimeError:  # that event loop is closed: nobody is listening
-            pass
-
-
-def refusal(client) -> EngineDeadError | None:
-    """Why `client` takes no new request (its engine died, or it was shut down), or None.
-    `client` has `dead`, `error` and `_stop` (EngineClient, EngineProcessClient)."""
-    if client.dead:
-        return EngineDeadError(f"the engine stopped after an error: {client.error!r}")
-    if client._stop:
-        return EngineDeadError("the engine client was shut down")
-    return None
-
-
-async def stream_outputs(client, rid: str, q: asyncio.Queue,
-                         ack: concurrent.futures.Future) -> AsyncIterator[RequestOutput]:
-    """A request's RequestOutputs as they arrive on `q`, once the engine took the request (`ack`; its
-    exception, e.g. a refused prompt, is raised by the first iteration). An exception put on `q` ends
-    the stream with it. However the stream ends, it leaves `client._streams`; a consumer that leaves
-    before the last output (break, cancellation) aborts the request. Shared by EngineClient and
-    EngineProcessClient: `client` has `_lock`, `_streams`, `dead` and `abort`."""
-    finished = False
-    try:
-        await asyncio.wrap_future(ack)
-        while True:
-            item = await q.get()
-            if isinstance(item, BaseException):
-                finished = True
-                raise item
-            finished = item.finished
-            yield item
-            if finished:
-                return
-    finally:
-        with client._lock:
-            client._streams.pop(rid, None)
-        if not finished and not client.dead:
-            client.abort(rid)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine's step loop crashed; every stream fails with this and new requests are refused."""
-
-
-class EngineClient:
-    """An Engine driven by a background thread, for asyncio callers.
-
-        client = EngineClient(engine)
-        async for out in client.add_request(prompt_ids, SamplingParams(max_tokens=32)):
-            print(out.outputs[0].new_token_ids)
-        client.abort(request_id)      # thread-safe; the stream ends with finish_reason "abort"
-        client.stats(), client.is_healthy, client.dead
-        await client.shutdown()
-
-    The thread owns the engine: requests and aborts are handed over through a queue and applied
-    between steps (the contract allows both there). Outputs go back to each stream's event loop with
-    call_soon_threadsafe. A stream abandoned by its consumer (break, cancel) aborts its request.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._on_finish: dict[str, Callable] = {}   # engine thread only
-        self._lock = threading.Lock()
-        self._stop = False
-        self.error: BaseException | None = None
-        self._ids = itertools.count()
-        self._stats = engine.stats()
-        self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._loop, name="muse-engine", daemon=True)
-        self._thread.start()
-
-    # ----- state --------------------------------------------------------------------------------------
-    @property
-    def dead(self) -> bool:
-        return self.error is not None
-
-    @property
-    def is_healthy(self) -> bool:
-        return not self.dead and not self._stop and self._thread.is_alive()
-
-    def stats(self) -> EngineStats:
-        """The snapshot taken after the latest step (cheap; never blocks on the engine)."""
-        return self._stats
-
-    # ----- requests -----------------------------------------------------------------------------------
-    async def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                          request_id: str | None = None, *,
-                          on_finish: Callable[[RequestOutput | BaseException], None] | None = None,
-                          ) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs until the request finishes (the last one has finished=True).
-
-        UsageError / ResourceError (bad prompt, too long) are raised by the first iteration.
-
-        `on_finish` is called exactly once per stream that was iterated at all: with the request's
-        final RequestOutput (finish reasons "stop", "length" or "abort"; every token it generated),
-        also when the stream's consumer went away first; or with the exception that kept the request
-        from running (refused at admission, a dead engine). Usage ledgers hang on it. It runs on the
-        engine thread (or the caller's, for errors raised before the hand-over); keep it short and
-        thread-safe.
-        """
-        def refuse(e: BaseException):
-            if on_finish is not None:
-                on_finish(e)
-            return e
-
-        if (closed := refusal(self)) is not None:
-            raise refuse(closed)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if rid in self._streams:
-                raise refuse(UsageError(f"request id {rid} is already streaming; ids must be unique"))
-            self._streams[rid] = (asyncio.get_running_loop(), q)
-        ack: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(("add", rid, list(prompt_token_ids), params, ack, on_finish))
-        async with contextlib.aclosing(stream_outputs(self, rid, q, ack)) as outs:
-            async for out in outs:
-                yield out
-
-    def abort(self, request_id: str) -> None:
-        """Abort a request (thread-safe, returns at once; its stream ends with finish_reason "abort")."""
-        self._send(("abort", str(request_id)))
-
-    async def shutdown(self) -> None:
-        """Stop the loop thread (running requests are aborted; their streams fail)."""
-        self._stop = True
-        self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-    # ----- the engine thread ----------------------------------------------------------------------------
-    def _send(self, cmd) -> None:
-        self._cmds.put(cmd)
-        self._wake.set()
-
-    def _finished(self, rid: str, result) -> None:
-        cb = self._on_finish.pop(rid, None)
-        if cb is not None:
-            run_on_finish(cb, rid, result)
-
-    def _apply_commands(self) -> None:
-        while True:
-            try:
-                cmd = self._cmds.get_nowait()
-            except queue.Empty:
-                return
-            if cmd[0] == "add":
-                _, rid, prompt, params, ack, on_finish = cmd
-                try:
-                    self.engine.add_request(rid, prompt, params)
-                except Exception as e:  # a user error: that request fails, the engine goes on
-                    if on_finish is not None:  # before the ack: the caller may look the moment it wakes
-                        self._on_finish[rid] = on_finish
-                        self._finished(rid, e)
-                    ack.set_exception(e)
-                else:
-                    if on_finish is not None:
-                        self._on_finish[rid] = on_finish
-                    ack.set_result(None)
-            elif cmd[0] == "abort":
-                self.engine.abort(cmd[1])
-
-    def _loop(self) -> None:
-        try:
-            while not self._stop:
-                self._apply_commands()
-                if not self.engine.has_unfinished_requests():
-                    self._stats = self.engine.stats()
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                outs = self.engine.step()
-                self._stats = self.engine.stats()
-                for out in outs:
-                    if out.finished:
-                        self._finished(out.request_id, out)
-                deliver_step(self._streams, self._lock, outs)
-        except BaseException as e:  # a bug or an accelerator failure: fail loudly, refuse new work
-            log.exception("engine loop crashed")
-            self.error = e
-        err = EngineDeadError(f"the engine stopped: {self.error!r}" if self.error else "the engine was shut down")
-        with self._lock:
-            streams = list(self._streams.values())
-        for rid in list(self._on_finish):  # before the streams hear of it, as for finished requests
-            self._finished(rid, err)
-        fail_streams(streams, err)
-        # requests still queued in _cmds: fail their acknowledgements
-        while True:
-            try:
-                cmd = self._cmds.get_nowait()
-            except queue.Empty:
-                break
-            if cmd[0] == "add" and not cmd[4].done():
-                if cmd[5] is not None:
-                    self._on_finish[cmd[1]] = cmd[5]
-                    self._finished(cmd[1], err)
-                cmd[4].set_exception(err)

@@ -41,6 +41,7 @@ before any attention of that layer reads the cache, which a batched paged-attent
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -211,6 +212,17 @@ class BlockPool:
         self._clean_map[block.block_id] = 0
         return True
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cache entry, of free and of held blocks alike (held ones stay with their holders);
+        returns how many. Free blocks become plain free blocks: nothing is evicted twice."""
+        dropped = len(self._cached)
+        for block in self._cached.values():
+            block.block_hash = block.token_ids = None
+            if block.ref_cnt == 0:
+                self._clean_map[block.block_id] = 1
+        self._cached.clear()
+        return dropped
+
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
@@ -340,6 +352,15 @@ class KVCacheManager:
         for i in range(self._num_registered.get(rid, 0), num_full):
             self.pool.cache(held[i], hashes[i], tokens[i * bs:(i + 1) * bs])
         self._num_registered[rid] = max(self._num_registered.get(rid, 0), num_full)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix: after a weight update the cached K/V no longer match the model.
+        A request holding blocks keeps them and finishes on them, but registers none of its blocks from
+        now on (they continue K/V computed by the old weights), until it is preempted and recomputes.
+        Returns the number of cache entries dropped."""
+        for rid in self._blocks:
+            self._num_registered[rid] = sys.maxsize
+        return self.pool.reset_prefix_cache()
 
     def free(self, request: Request) -> None:
         """Release every block of the request (tail first: its last blocks get evicted first)."""

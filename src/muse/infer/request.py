@@ -32,6 +32,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"    # emitted eos or a stop token id
     FINISHED_LENGTH = "finished_length"      # max_tokens or the model's max length reached
     FINISHED_ABORTED = "finished_aborted"    # aborted by the client
+    FINISHED_ERROR = "finished_error"        # the runner failed on this request alone (the others go on)
 
     @property
     def is_finished(self) -> bool:
@@ -39,7 +40,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        """The OpenAI-style finish reason: "stop", "length", "abort", or None while unfinished."""
+        """The finish reason: "stop", "length" (OpenAI's), "abort", "error", or None while unfinished."""
         return _FINISH_REASONS.get(self)
 
 
@@ -47,6 +48,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 

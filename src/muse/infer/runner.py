@@ -10,6 +10,10 @@ The only part of the engine that touches tensors. Per step:
   4. sample (sampler.py), or verify drafts by rejection sampling (spec_decode.py); logprobs of the
      sampled tokens and of the prompt tokens, from the raw model distribution;
   5. propose drafts for the next step, if speculative decoding is on.
+Steps 1-2 are the same for every request (token ids and positions, checked at admission), so a
+failure there is the engine's and raises. Steps 3-5 read each request's own settings: when they raise,
+they are run again request by request, and the requests that fail alone are reported in
+`RunnerOutput.failed` (the scheduler finishes them with "error") while the others go on.
 
 Runner-side request state is the token list (prompt + output as the runner knows it, for penalties
 and proposals), the sampling seed, and the draft distributions awaiting verification. It knows
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from muse.common.errors import ConfigError
+from muse.common.logging import get_logger
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan, long_tensor
 from muse.infer.sampler import (
     SamplingBatch,
@@ -44,6 +49,8 @@ from muse.infer.spec_decode import (
     SpeculativeConfig,
     rejection_sample,
 )
+
+log = get_logger("muse.infer")
 
 
 @dataclass
@@ -158,6 +165,21 @@ class ModelRunner:
         if self.proposer is not None:
             self.proposer.mirror(input_ids, plan)
 
+        # Everything up to here is the same for every request (validated ids and positions): a failure
+        # is the engine's, and raises. What follows reads each request's own settings; a failure there
+        # is retried request by request (`_isolate`), so it fails only the requests that cause it.
+        undo = [(st, len(st.token_ids), st.draft_probs) for _, st, _ in sample_jobs]
+        try:
+            self._finish_step(prompt_jobs, sample_jobs, logits, res)
+        except Exception as e:
+            for st, n, draft_probs in undo:
+                del st.token_ids[n:]
+                st.draft_probs = draft_probs
+            res = self._isolate(so, prompt_jobs, sample_jobs, logits, e)
+        return res
+
+    def _finish_step(self, prompt_jobs, sample_jobs, logits: torch.Tensor, res: RunnerOutput) -> None:
+        """Prompt logprobs, sampling or draft verification, logprobs, next drafts: into `res`."""
         for s, first, targets in prompt_jobs:
             n = len(targets)
             res.prompt_logprobs[s.request_id] = token_logprobs(
@@ -170,7 +192,51 @@ class ModelRunner:
             self._verify(spec, logits, res)
         if self.proposer is not None:
             self._propose(sample_jobs, res)
+
+    def _isolate(self, so: SchedulerOutput, prompt_jobs, sample_jobs, logits: torch.Tensor,
+                 error: Exception) -> RunnerOutput:
+        """The step's second half again, one request at a time: the requests that fail alone are listed
+        in `failed` (the scheduler finishes them with "error"), the others get what the batched call
+        would have given them (sampling depends on a row's own logits, seed and position only)."""
+        res = RunnerOutput()
+        prompt_of = {j[0].request_id: j for j in prompt_jobs}
+        sample_of = {j[0].request_id: j for j in sample_jobs}
+        ok = 0
+        for s in so.requests:
+            rid = s.request_id
+            pj, sj = prompt_of.get(rid), sample_of.get(rid)
+            if pj is None and sj is None:
+                continue
+            one = RunnerOutput()
+            undo = None if sj is None else (len(sj[1].token_ids), sj[1].draft_probs)
+            try:
+                self._finish_step([pj] if pj else [], [sj] if sj else [], logits, one)
+            except Exception:
+                if undo is not None:
+                    del sj[1].token_ids[undo[0]:]
+                    sj[1].draft_probs = undo[1]
+                log.warning("request %s failed in the runner; it alone finishes with 'error'", rid, exc_info=True)
+                res.failed.add(rid)
+                continue
+            ok += 1
+            for mine, theirs in ((res.sampled_token_ids, one.sampled_token_ids), (res.logprobs, one.logprobs),
+                                 (res.prompt_logprobs, one.prompt_logprobs), (res.spec_token_ids, one.spec_token_ids)):
+                mine.update(theirs)
+        if not ok:
+            self._probe(logits, error)
         return res
+
+    def _probe(self, logits: torch.Tensor, error: Exception) -> None:
+        """Every request failed alone: if sampling a plain row of these logits fails too, the fault is
+        the engine's (a device error surfaces at the first sync, which is in sampling): raise `error`."""
+        if logits.size(0) == 0:  # no request had work of its own: nothing to blame but the engine
+            raise error
+        row = SamplingRow(SamplingParams(temperature=0.7, top_k=8, top_p=0.9, seed=0), 0, 1, 1, (1,))
+        try:
+            sample(logits[:1], SamplingBatch([row], self.vocab_size, self.device)).tolist()
+            token_logprobs(logits[:1], [0], [1])
+        except Exception as probe_error:
+            raise error from probe_error
 
     def _sample_plain(self, jobs, logits: torch.Tensor, res: RunnerOutput) -> None:
         idx = [first for _, _, first in jobs]

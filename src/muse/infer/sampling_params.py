@@ -2,9 +2,14 @@
 
 A frozen dataclass, validated on construction: a bad value raises `UsageError` naming the field, so a
 server can answer 400 with the message as is. Defaults follow vLLM's (max_tokens 16, temperature 1,
-every filter off). This module only *carries* the settings: the model runner applies temperature,
-top-k/p, min-p, penalties, seeds and logprobs; the scheduler and `Request` apply the stop rules
-(stop ids, eos, min/max tokens). It knows nothing about text: stop *strings* live at the edges
+every filter off). What a request may ask for is bounded (`MAX_N`, `MAX_LOGPROBS`,
+`MAX_STOP_TOKEN_IDS`): every step pays for each of them, for every request in the batch, so one request
+must not be able to slow all the others down. Token ids are checked against the vocabulary by the
+engine when it takes the request in (this module does not know the vocabulary).
+
+This module only *carries* the settings: the model runner applies temperature, top-k/p, min-p,
+penalties, seeds and logprobs; the scheduler and `Request` apply the stop rules (stop ids, eos,
+min/max tokens). It knows nothing about text: stop *strings* live at the edges
 (tokenizer, server), which turn them into token-level checks or truncate detokenized text.
 """
 
@@ -19,8 +24,17 @@ from muse.common.errors import UsageError
 # Below this temperature sampling is argmax; dividing logits by ~0 would overflow.
 GREEDY_TEMPERATURE = 1e-5
 
+# Bounds on what one request may ask for.
+MAX_N = 128                 # parallel samples (OpenAI's limit); each is a sequence in the scheduler
+MAX_LOGPROBS = 20           # top alternatives per token (OpenAI's top_logprobs and vLLM's max_logprobs)
+# Distinct stop ids. Each is scanned on every token, and masked in every sampled row below
+# min_tokens: 60,000 repeated ids once took 97 s and slowed every other request. Edges add their own
+# ids to a client's (stop strings of one token, the chat end token), so this leaves room above the
+# 64 a server lets a client send.
+MAX_STOP_TOKEN_IDS = 128
 
-def _int(name: str, value, *, lo: int | None = None, optional: bool = False) -> int | None:
+
+def _int(name: str, value, *, lo: int | None = None, hi: int | None = None, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
     # bool is an Integral in Python; `max_tokens=True` is a mistake, not 1.
@@ -29,7 +43,20 @@ def _int(name: str, value, *, lo: int | None = None, optional: bool = False) -> 
         raise UsageError(f"sampling parameter {name} must be {kind}, got {value!r}")
     if lo is not None and value < lo:
         raise UsageError(f"sampling parameter {name} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise UsageError(f"sampling parameter {name} must be <= {hi}, got {value}")
     return int(value)
+
+
+def _stop_ids(values) -> tuple[int, ...]:
+    """Distinct stop ids in first-seen order; at most MAX_STOP_TOKEN_IDS of them."""
+    seen: dict[int, None] = {}
+    for t in values:
+        seen[_int("stop_token_ids[]", t, lo=0)] = None
+        if len(seen) > MAX_STOP_TOKEN_IDS:  # stop reading: the list may be huge
+            raise UsageError(f"sampling parameter stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} "
+                             f"distinct token ids")
+    return tuple(seen)
 
 
 def _float(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> float:
@@ -82,10 +109,11 @@ class SamplingParams:
         if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
             raise UsageError(f"sampling parameter stop_token_ids must be a list of token ids, "
                              f"got {self.stop_token_ids!r}")
-        set_("stop_token_ids", tuple(_int("stop_token_ids[]", t, lo=0) for t in self.stop_token_ids))
-        set_("n", _int("n", self.n, lo=1))
-        set_("logprobs", _int("logprobs", self.logprobs, lo=0, optional=True))
-        set_("prompt_logprobs", _int("prompt_logprobs", self.prompt_logprobs, lo=0, optional=True))
+        set_("stop_token_ids", _stop_ids(self.stop_token_ids))
+        set_("n", _int("n", self.n, lo=1, hi=MAX_N))
+        set_("logprobs", _int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS, optional=True))
+        set_("prompt_logprobs", _int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS,
+                                     optional=True))
         if not isinstance(self.ignore_eos, bool):
             raise UsageError(f"sampling parameter ignore_eos must be true or false, got {self.ignore_eos!r}")
 

@@ -28,6 +28,7 @@ request finishes. This module knows nothing about tensors, models, text or how d
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,27 +42,42 @@ from muse.infer.sampling_params import SamplingParams
 
 @dataclass
 class SchedulerConfig:
-    """Limits of one engine: per-step work, concurrency, KV pool, stop token, context length."""
+    """Limits of one engine: per-step work, concurrency, KV pool, stop token, context length.
 
-    num_blocks: int = 1024                  # KV blocks in the pool (the runner sizes this from memory)
+    `EngineConfig` extends this class (these fields are declared once, here). The three that default
+    to None are what an Engine derives when they are not given; a bare Scheduler needs num_blocks and
+    max_model_len set."""
+
+    num_blocks: int | None = None           # KV blocks in the pool; None: the engine sizes it from memory
     block_size: int = 16                    # token slots per block
     max_num_seqs: int = 64                  # running requests at most
     max_num_batched_tokens: int = 2048      # tokens computed per step, all requests together
-    max_model_len: int = 2048               # prompt + output tokens of one request at most
+    max_model_len: int | None = None        # prompt + output tokens of one request at most; None: the
+                                            # engine takes the model's max_seq_len
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True     # False: a prompt is computed in one step or waits
-    eos_token_id: int | None = None         # default eos for requests that do not set their own
+    eos_token_id: int | None = None         # default eos for requests that do not set their own; an
+                                            # engine fills in its tokenizer's end-of-text when None
 
     def __post_init__(self):
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
+            if value is None and name in ("num_blocks", "max_model_len"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"scheduler {name} must be a positive integer, got {value!r}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+        if (not self.enable_chunked_prefill and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
             # a request preempted near max_model_len recomputes all its tokens in one step
             raise ConfigError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                               f"max_model_len ({self.max_model_len}) when chunked prefill is off; "
                               f"raise it, lower max_model_len, or enable chunked prefill")
+
+    def for_scheduler(self, **values) -> SchedulerConfig:
+        """This config's scheduler fields (an EngineConfig's too) as a plain SchedulerConfig, `values`
+        replacing some: how an engine hands over the limits it derived (num_blocks, max_model_len)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(SchedulerConfig)}
+        return SchedulerConfig(**(own | values))
 
 
 @dataclass
@@ -111,6 +127,8 @@ class RunnerOutput:
     # logprobs of prompt tokens start_pos + 1 .. min(start_pos + len(token_ids), num_prompt_tokens - 1)
     prompt_logprobs: dict[str, list[Any]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)   # drafts for the next step
+    # requests the runner failed on alone (it logged why): they finish with "error"
+    failed: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -119,7 +137,7 @@ class RequestDelta:
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None     # "stop" | "length" | "abort" | None (still running)
+    finish_reason: str | None = None     # "stop" | "length" | "abort" | "error" | None (still running)
     stop_reason: int | None = None       # the stop token id that ended it (None for eos)
     logprobs: list[Any] | None = None
     prompt_logprobs: list[Any] | None = None
@@ -150,6 +168,9 @@ class Scheduler:
     """Waiting queue, running list and KV manager; see the module docstring for the policy."""
 
     def __init__(self, config: SchedulerConfig):
+        if config.num_blocks is None or config.max_model_len is None:
+            raise ConfigError("a Scheduler needs num_blocks and max_model_len; set them (an Engine derives "
+                              "them from memory and the model)")
         self.config = config
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -219,6 +240,12 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self._abort_deltas)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every prefix-cache entry (after a weight update the cached K/V are stale); returns how
+        many. Running requests keep their blocks and finish on them, but nothing they computed is
+        reused by a later request (kv_blocks.KVCacheManager.reset_prefix_cache)."""
+        return self.kv.reset_prefix_cache()
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
@@ -286,10 +313,16 @@ class Scheduler:
                            runner_output: RunnerOutput) -> list[RequestDelta]:
         """Advance every scheduled request by what the runner computed; returns what changed."""
         deltas, self._abort_deltas = self._abort_deltas, []
+        failed = runner_output.failed
         for s in scheduler_output.requests:
             req = self.requests.get(s.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted (or finished) while the step ran
+            if failed and s.request_id in failed:  # its tokens of this step (if any) are dropped
+                self.running.remove(req)
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                deltas.append(self._delta(req, [], None, None))
+                continue
             sampled = runner_output.sampled_token_ids.get(s.request_id, [])
             num_drafts = len(s.spec_token_ids)
             if (s.sample and not 1 <= len(sampled) <= num_drafts + 1) or (not s.sample and sampled):

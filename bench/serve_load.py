@@ -5,7 +5,7 @@ them as a checkpoint, creates an API key in a fresh serving database and starts 
 subprocess (`python -m muse serve CKPT --db DB --port P --max-num-seqs N`, MUSE_ADMIN_KEY set so
 /metrics and /admin/usage answer). Then, for each --concurrency C, while the server sits idle:
 
-  engine-direct  C closed-loop clients drive an in-process `EngineClient` over the same checkpoint,
+  engine-direct  C closed-loop clients drive an in-process `ThreadEngineClient` over the same checkpoint,
                  built exactly as `muse serve` builds its engine (same EngineConfig, same device,
                  same torch threads): no HTTP, no JSON, no detokenizing, no keys or ledger;
   http           C closed-loop clients (asyncio + httpx, streaming SSE, keep-alive connections) send
@@ -51,6 +51,7 @@ The clients run in the bench process; on a small machine they take CPU the serve
   python bench/serve_load.py                                      # 1, 8, 32 streams, 15 s each
   python bench/serve_load.py --concurrency 32 --duration 30 --json-out serve.json
   python bench/serve_load.py --profile-server server.prof         # CPU profile of the server's event loop
+  python bench/serve_load.py --soak 120                           # hostile soak: bench/serve_soak.py
 """
 
 from __future__ import annotations
@@ -79,11 +80,11 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from muse.checkpoint import save_checkpoint  # noqa: E402
-from muse.cli.serve import STAGES  # noqa: E402  (the stages `muse serve` loads a checkpoint from)
+from muse.checkpoint import resolve_stage, save_checkpoint  # noqa: E402  (resolve_stage: as `muse serve` picks)
 from muse.common.device import pick_device  # noqa: E402
 from muse.common.paths import atomic_write_json  # noqa: E402
-from muse.infer.engine import Engine, EngineClient, EngineConfig  # noqa: E402
+from muse.infer.client import EngineClient, ThreadEngineClient  # noqa: E402
+from muse.infer.engine import Engine, EngineConfig  # noqa: E402
 from muse.infer.sampling_params import SamplingParams  # noqa: E402
 from muse.model import ModelConfig, build_model  # noqa: E402
 from muse.server.store import Store  # noqa: E402
@@ -481,10 +482,10 @@ async def _run(cfg: LoadConfig, workdir: Path, log) -> dict:
     admin = {"Authorization": f"Bearer {admin_key}"}
 
     # the engine exactly as `muse serve` builds it (muse.cli.serve.run)
-    engine = Engine.from_checkpoint(ckpt, EngineConfig(max_num_seqs=max_num_seqs(cfg)), device=device,
-                                    stages=STAGES)
+    engine = Engine.from_checkpoint(resolve_stage(ckpt, fast=True), EngineConfig(max_num_seqs=max_num_seqs(cfg)),
+                                    device=device)
     vocab = engine.tokenizer.vocab_size
-    direct = EngineClient(engine)
+    direct = ThreadEngineClient(engine)
     server = ServerProcess(ckpt, db, workdir, cfg, admin_key)
     rows, checks, sent = [], {}, 0
     limits = httpx.Limits(max_connections=max(cfg.concurrency) + 4, max_keepalive_connections=max(cfg.concurrency) + 4)
@@ -655,6 +656,10 @@ def markdown(report: dict, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--soak"]:  # the hostile-traffic soak lives in serve_soak.py (it reuses this file's server)
+        import serve_soak
+
+        return serve_soak.main(["--duration", *argv[1:2], *argv[2:]] if argv[1:2] else argv[1:])
     d = LoadConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=d.concurrency, help="streams per level")

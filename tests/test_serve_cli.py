@@ -176,3 +176,148 @@ def test_shutdown_aborts_what_outlives_the_grace_period(checkpoint, tmp_path):
     assert len(rows) == 1 and rows[0].status == "aborted" and 0 < rows[0].completion_tokens < 100
     assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
     store.close()
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    """A tiny llama with a 1,024-token context: a stream of ~1,000 tokens takes a few seconds on CPU, long
+    enough to kill or drain a server in the middle of it."""
+    import random
+
+    import torch
+
+    from muse.checkpoint import save_checkpoint
+    from muse.model import ModelConfig, build_model
+    from muse.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    words = "the king queen lord lady love night day sword crown heart fair speak hear come go".split()
+    tok = train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=4, d_model=128, n_head=4, n_kv_head=2,
+                                    max_seq_len=1024, init_std=0.1))
+    root = tmp_path_factory.mktemp("long")
+    save_checkpoint(root / "long" / "base", 1, model=model, tokenizer=tok)
+    return root / "long"
+
+
+def _stream_until(url, auth, n_chunks, holder: list, max_tokens=1000):
+    """Start a long stream in a thread; it appends its lines to `holder` and keeps reading."""
+    import threading
+
+    started = threading.Event()
+
+    def run():
+        body = {"model": "long", "prompt": [5, 6, 7], "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as resp:
+                holder.append(resp.status_code)
+                for line in resp.iter_lines():
+                    holder.append(line)
+                    if len(holder) > n_chunks:
+                        started.set()
+        except httpx.TransportError as e:
+            holder.append(e)
+        finally:
+            started.set()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(60)
+    return t
+
+
+def test_a_crash_leaves_every_request_in_flight_in_the_ledger(long_checkpoint, tmp_path):
+    """SIGKILL while 4 streams run: after the restart each has a row, "interrupted", billed what the
+    ledger knew (its prompt, and the completion tokens of its last recorded progress)."""
+    db = tmp_path / "serve.sqlite3"
+    with Store(db) as store:
+        key, _ = store.create_key("acme")
+    auth = {"Authorization": f"Bearer {key}"}
+    proc, url = _start(long_checkpoint, db)
+    holders = [[] for _ in range(4)]
+    try:
+        threads = [_stream_until(url, auth, 20, h) for h in holders]
+        deadline = time.monotonic() + 30
+        while True:  # the rows of the running requests are on disk (the writer commits within a batch)
+            with Store(db, create=False) as peek:
+                if sum(r.status == "running" for r in peek.usage()) == 4:
+                    break
+            assert time.monotonic() < deadline, "the running requests never reached the ledger"
+            time.sleep(0.05)
+        time.sleep(0.6)  # one progress note (every 0.5 s) reaches the disk
+        proc.kill()
+        proc.wait(30)
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc, url = _start(long_checkpoint, db)
+    try:
+        rows = httpx.get(url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
+        assert rows[0]["requests"] == 4 and rows[0]["statuses"] == {"interrupted": 4}, rows
+        assert rows[0]["prompt_tokens"] == 12 and rows[0]["completion_tokens"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def test_a_drain_answers_503_and_aborts_what_outlives_the_grace(long_checkpoint, tmp_path):
+    """SIGTERM with --grace 0.5 while a ~1,000-token stream and a plain request run: a new request during the
+    drain gets a 503 shutting_down (not a refused connection); after the grace the stream ends with an
+    error event and [DONE], the plain request gets a JSON 503; both rows say what the client got."""
+    import threading
+
+    db = tmp_path / "serve.sqlite3"
+    with Store(db) as store:
+        key, _ = store.create_key("acme")
+    auth = {"Authorization": f"Bearer {key}"}
+    proc, url = _start(long_checkpoint, db, "--grace", "0.5")
+    try:
+        stream = []
+        st = _stream_until(url, auth, 3, stream)
+        plain = []
+        pt = threading.Thread(target=lambda: plain.append(httpx.post(
+            url + "/v1/completions", headers=auth, timeout=60,
+            json={"model": "long", "prompt": [5, 6], "max_tokens": 1000, "ignore_eos": True})), daemon=True)
+        pt.start()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        during = httpx.post(url + "/v1/completions", headers=auth, timeout=10,
+                            json={"model": "long", "prompt": [5], "max_tokens": 2})
+        assert during.status_code == 503 and during.json()["error"]["code"] == "shutting_down"
+        st.join(30)
+        pt.join(30)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [line[6:] for line in stream[1:] if isinstance(line, str) and line.startswith("data: ")]
+    assert stream[0] == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+    (resp,) = plain
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutting_down"
+    with Store(db, create=False) as store:
+        rows = sorted(store.usage(), key=lambda r: r.http_status)
+    assert [(r.status, r.http_status) for r in rows if r.prompt_tokens] == [("aborted", 200), ("aborted", 503)]
+
+
+def test_one_database_serves_one_server(checkpoint, tmp_path, capsys):
+    db = tmp_path / "serve.sqlite3"
+    proc, url = _start(checkpoint, db)
+    try:
+        assert main(["serve", str(checkpoint), "--db", str(db), "--port", str(_free_port())]) == 2
+        err = capsys.readouterr().err
+        assert "another muse serve" in err and "Traceback" not in err, err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def test_a_database_url_is_refused_until_that_store_exists(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", str(checkpoint), "--db", "postgresql://u@localhost/muse"]) == 2
+    err = capsys.readouterr().err
+    assert "PostgreSQL" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # no directories were made from the URL

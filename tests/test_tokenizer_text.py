@@ -1,4 +1,5 @@
-"""server/text.py: streamed detokenizing and stop strings against the plain full-text reference."""
+"""tokenizer/text.py, the text edge: prompts to ids, and streamed detokenizing with stop strings against
+the plain full-text reference."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from muse.server.text import TextStream, encode_prompt, token_text
 from muse.tokenizer import EOT_ID, SPECIAL_IDS, train_bpe
+from muse.tokenizer.text import TextStream, encode_prompt, token_text
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,21 @@ def test_specials_in_prompts_and_logprob_token_text(tok):
     assert encode_prompt(tok, "<|nope|>") == tok.encode("<|nope|>")
     assert token_text(tok, EOT_ID) == "<|endoftext|>"
     assert TextStream(tok).push([EOT_ID, *tok.encode("hi")]) == "hi"   # specials carry no text
+
+
+def test_every_edge_turns_a_prompt_into_the_same_ids(tok):
+    """One text edge: `muse generate`, `muse sample` and the server's completions route tokenize a raw
+    prompt (special-token literals included) identically (the three copies had drifted apart)."""
+    from muse.cli.generate import _prompt_ids
+    from muse.server.generation import _encode_completion_prompts
+    from muse.tokenizer.text import prompt_ids
+
+    class Served:
+        tokenizer = tok
+
+    for text in ("the king", "<|user|>the king<|end|>", "<|endoftext|>café 王", " naïve — fair"):
+        ids = prompt_ids(tok, text)
+        assert ids[0] == EOT_ID and ids.count(EOT_ID) == 1
+        assert _prompt_ids(tok, {"prompt": text}, chat=False, where="row 1") == (ids, False)
+        assert _encode_completion_prompts(Served, [text]) == ([ids], [text])
+    assert prompt_ids(tok, "<|user|>x")[1] == SPECIAL_IDS["<|user|>"]

@@ -74,6 +74,7 @@ def _prompt_ids(tok, row: dict, chat: bool, where: str) -> tuple[list[int], bool
     """(prompt token ids, is_chat) for one input row; UsageError naming the line otherwise."""
     from muse.common.errors import MuseError, UsageError
     from muse.tokenizer import render_prompt
+    from muse.tokenizer.text import prompt_ids
 
     try:
         if "messages" in row:
@@ -84,7 +85,7 @@ def _prompt_ids(tok, row: dict, chat: bool, where: str) -> tuple[list[int], bool
                              + ("" if prompt is None else f" ('prompt' is a {type(prompt).__name__})"))
         if chat:
             return render_prompt(tok, [{"role": "user", "content": prompt}]), True
-        return [tok.eot_id] + tok.encode(prompt), False  # a document starts after a boundary token
+        return prompt_ids(tok, prompt), False  # the text edge every caller shares (muse.tokenizer.text)
     except MuseError as e:
         raise UsageError(f"{where}: {e}") from None
 

@@ -42,10 +42,11 @@ def run(args) -> int:
     from muse.checkpoint import get_stage, load
     from muse.common.device import pick_device
     from muse.infer.generate import generate
+    from muse.tokenizer.text import prompt_ids as text_prompt_ids
 
     model, tok, meta = load(args.checkpoint, device=pick_device(args.device),
                             stages=None if args.stage is None else (get_stage(args.stage).name,))
-    prompt_ids = [tok.eot_id] + tok.encode(args.prompt)  # every document starts after a boundary token
+    prompt_ids = text_prompt_ids(tok, args.prompt)  # the text edge every caller shares (muse.tokenizer.text)
     if len(prompt_ids) >= model.config.max_seq_len:
         raise UsageError(f"the prompt is {len(prompt_ids)} tokens; this model's context is {model.config.max_seq_len}")
     for i in range(args.num_samples):

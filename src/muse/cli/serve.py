@@ -22,11 +22,11 @@ EXAMPLES = """examples:
        -d '{"model": "speedrun", "messages": [{"role": "user", "content": "Speak, friend."}]}'
 """
 
-STAGES = ("grpo", "dpo", "sft", "base")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run, stage or checkpoint directory of the first (default) model")
+    p.add_argument("--stage", help="which stage of a run directory to serve (base, sft, dpo, grpo, ...; default: "
+                                   "the stage trained last, docs/checkpoints.md); applies to every model")
     p.add_argument("--name", help="its model name in the API (default: the run directory's name)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
                    help="serve another model under NAME (repeatable)")
@@ -45,11 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "runs it in a thread of the server")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--max-tokens", type=int, help="cap on a request's max_tokens (default: the context)")
-    p.add_argument("--max-n", type=int, default=16, help="cap on n")
+    p.add_argument("--max-n", type=int, default=16, help="cap on the sequences one request generates (prompts x n)")
     p.add_argument("--max-logprobs", type=int, default=20, help="cap on logprobs / top_logprobs")
-    p.add_argument("--max-running", type=int, default=256, help="HTTP requests generating at once")
+    p.add_argument("--max-running", type=int, default=256, help="sequences generating at once (a request holds prompts x n)")
     p.add_argument("--max-waiting", type=int, default=1024,
-                   help="requests queued for admission beyond --max-running; more get 503")
+                   help="sequences queued for admission beyond --max-running; more get 503")
+    p.add_argument("--docs", action="store_true",
+                   help="serve /docs and /openapi.json without the admin key (default: /openapi.json needs it)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get at shutdown")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -100,16 +102,26 @@ def run(args) -> int:
 
     import uvicorn
 
+    from muse.checkpoint import resolve_stage
     from muse.common.device import pick_device
     from muse.common.logging import get_logger
     from muse.infer.engine import Engine, EngineConfig
     from muse.infer.engine_process import EngineSpec
-    from muse.server.app import ServedModel, ServerConfig, create_app
+    from muse.server.app import ServedModel, ServerConfig, create_app, drain
     from muse.server.store import Store, default_db_path
 
     log = get_logger("muse.server")
-    db = Path(args.db) if args.db else default_db_path()
+    db = args.db or default_db_path()  # a string as given: Path() would fold a URL's "//" and hide it
     store = Store(db)
+    try:
+        store.lock_for_server()
+        recovered = store.recover_interrupted()
+    except BaseException:
+        store.close()
+        raise
+    if recovered:
+        log.warning("the ledger held %d requests the last server did not finish (a crash); they are recorded "
+                    "as 'interrupted' with the tokens known at the crash (docs/serving.md)", recovered)
     if not store.list_keys():
         log.warning("no API keys in %s yet: every request will be refused; create one with "
                     "`muse keys create --partner NAME%s`", db, f" --db {db}" if args.db else "")
@@ -117,31 +129,50 @@ def run(args) -> int:
     served = []
     for name, path in pairs:
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+        ckpt = str(resolve_stage(path, args.stage, fast=True))  # loading it verifies every hash
         if args.engine_process:
-            model = ServedModel.from_spec(name, EngineSpec(str(path), cfg, device=str(device), stages=STAGES))
+            model = ServedModel.from_spec(name, EngineSpec(ckpt, cfg, device=str(device)))
         else:
-            model = ServedModel.from_engine(name, Engine.from_checkpoint(path, cfg, device=device, stages=STAGES))
+            model = ServedModel.from_engine(name, Engine.from_checkpoint(ckpt, cfg, device=device))
         served.append(model)
-        log.info("model %s: %s on %s, context %d, %d KV blocks%s", name, path, device, model.max_model_len,
+        log.info("model %s: %s on %s, context %d, %d KV blocks%s", name, ckpt, device, model.max_model_len,
                  model.client.stats().num_blocks, " (engine process)" if args.engine_process else "")
     config = ServerConfig(admin_key=admin_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                           max_n=args.max_n, max_logprobs=args.max_logprobs, max_running=args.max_running,
-                          max_waiting=args.max_waiting, shutdown_grace_s=args.grace)
+                          max_waiting=args.max_waiting, shutdown_grace_s=args.grace, docs=args.docs)
     app = create_app(served, store, config)
+    state = app.state.muse
 
     class DrainingServer(uvicorn.Server):
-        """On the first SIGTERM/SIGINT, refuse new requests at once (503) while running ones finish."""
+        """The first SIGTERM/SIGINT starts a drain while the server keeps accepting connections: new
+        requests get 503 shutting_down, running ones get --grace seconds, the rest are aborted and
+        accounted; only then does uvicorn stop. A second signal skips what is left of the grace."""
+
+        draining = False
 
         def handle_exit(self, sig, frame):
-            app.state.muse.draining = True
-            super().handle_exit(sig, frame)
+            if self.draining:
+                state.config.shutdown_grace_s = 0
+                for j in list(state.jobs):
+                    state.loop.call_soon_threadsafe(j.shut_down)
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            state.draining = True
 
+            async def drain_then_exit():
+                try:
+                    await drain(state)
+                finally:
+                    self.should_exit = True
+            state.loop.call_soon_threadsafe(lambda: state.loop.create_task(drain_then_exit()))
+
+    # uvicorn's own deadline only covers writing out responses after the drain has accounted every job
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.grace, access_log=False))
+                                           timeout_graceful_shutdown=10, access_log=False))
     log.info("serving %s on http://%s:%d (keys and ledger: %s)", ", ".join(n for n, _ in pairs), args.host,
              args.port, db)
     try:
         server.run()
     finally:
-        store.close()
+        store.close(timeout=10)
     return 0

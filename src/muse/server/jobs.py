@@ -26,10 +26,10 @@ from muse.infer.sampler import TokenLogprob
 from muse.infer.sampling_params import SamplingParams
 from muse.server.protocol import ApiError, invalid
 from muse.server.records import ApiKey, UsageRecord
-from muse.server.text import TextStream
+from muse.tokenizer.text import TextStream
 
 if TYPE_CHECKING:
-    from muse.server.app import AppState, ServedModel
+    from muse.server.state import AppState, ServedModel
 
 log = get_logger("muse.server")
 
@@ -63,16 +63,19 @@ class Job:
 
     def __init__(self, state: AppState, *, key: ApiKey, model: ServedModel, endpoint: str, request_id: str,
                  choices: list[Choice], num_prompt_tokens: int, grant, reservation, arrived: float,
-                 arrived_wall: float):
+                 arrived_wall: float, sequences: int = 1):
         self.state, self.key, self.model, self.endpoint = state, key, model, endpoint
         self.request_id, self.choices = request_id, choices
         self.num_prompt_tokens = num_prompt_tokens
         self.grant, self.reservation = grant, reservation
         self.arrived, self.arrived_wall = arrived, arrived_wall
         self.events: asyncio.Queue = asyncio.Queue()    # (choice, delta_text, new_ids, logprobs) | Exception | None
+        self.sequences = sequences                       # admission slots held
         self.ttft: float | None = None
         self.error: BaseException | None = None
+        self.http_status: int | None = None              # what the client was sent, once known
         self.client_gone = False
+        self._progress_at = 0.0
         self._lock = threading.Lock()
         self._finals: dict[int, object] = {}             # choice index -> RequestOutput | exception
         self._sealed = False
@@ -129,21 +132,20 @@ class Job:
         if self.reservation is not None:
             self.reservation.settle(total)
         err = self.error or (errors[0] if errors else None)
-        if err is not None:
+        if err is None and any(c.finish_reason == "error" for c in self.choices):
+            err = failure_error(RequestFailedError())
+        if err is SHUTTING_DOWN:  # aborted by the drain, not failed: the client is told to retry
+            status, http_status = "aborted", self.http_status or err.status
+        elif err is not None:
             status = "error"
-            http_status = (err.status if isinstance(err, ApiError) else 503 if isinstance(err, EngineDeadError)
-                           else 400 if isinstance(err, MuseError) else 500)
+            http_status = self.http_status or failure_error(err).status
         elif self.client_gone or any(c.finish_reason == "abort" for c in self.choices):
-            status, http_status = "aborted", 200
+            status, http_status = "aborted", self.http_status or 499
         else:
-            status, http_status = "ok", 200
+            status, http_status = "ok", self.http_status or 200
         finish = next((c.finish_reason for c in self.choices if c.finish_reason), None)
         now = time.monotonic()
-        self.state.store.record(UsageRecord(
-            request_id=self.request_id, key_id=self.key.key_id, partner=self.key.partner, model=self.model.name,
-            endpoint=self.endpoint, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
-            status=status, http_status=http_status, finish_reason=finish, created_at=self.arrived_wall,
-            latency_s=now - self.arrived, ttft_s=self.ttft))
+        self.state.store.record(self._record(status, http_status, prompt, completion, cached, finish, now))
         m = self.state.metrics
         m.prompt_tokens.labels(self.model.name).inc(prompt)
         m.completion_tokens.labels(self.model.name).inc(completion)
@@ -156,8 +158,26 @@ class Job:
         except RuntimeError:  # the event loop is gone (interpreter shutdown): nobody waits
             pass
 
+    def _record(self, status: str, http_status: int, prompt: int, completion: int, cached: int,
+                finish: str | None, now: float) -> UsageRecord:
+        return UsageRecord(
+            request_id=self.request_id, key_id=self.key.key_id, partner=self.key.partner, model=self.model.name,
+            endpoint=self.endpoint, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+            status=status, http_status=http_status, finish_reason=finish, created_at=self.arrived_wall,
+            latency_s=now - self.arrived, ttft_s=self.ttft)
+
+    def _note_progress(self, now: float) -> None:
+        """Tell the ledger how far the job got, at most every PROGRESS_EVERY_S: after a crash the restarted
+        server bills an interrupted request what its last committed progress says."""
+        if now - self._progress_at >= PROGRESS_EVERY_S:
+            self._progress_at = now
+            self.state.store.progress(self.request_id, sum(len(c.token_ids) for c in self.choices),
+                                      max((c.cached_tokens for c in self.choices), default=0))
+
     # -- running (event loop) --
     def start(self) -> None:
+        # the ledger knows of the request before the engine does: a crash from here on leaves a row
+        self.state.store.begin(self._record("running", 0, self.num_prompt_tokens, 0, 0, None, self.arrived))
         self.state.jobs.add(self)
         self.task = asyncio.create_task(self._run(), name=f"job-{self.request_id}")
         # a streamed job's failure reaches the client as an event; mark it retrieved for asyncio
@@ -178,7 +198,7 @@ class Job:
                 self.events.put_nowait(e)
             raise
         finally:
-            self.state.admission.release()
+            self.state.admission.release(self.sequences)
             self.seal()
             self.events.put_nowait(None)
 
@@ -206,6 +226,7 @@ class Job:
                     last = now
                     c.token_ids.extend(new)
                     c.logprobs.extend(lps)
+                    self._note_progress(now)
                 delta = c.text.push(new)
                 if c.text.stopped and not c.stopped_by_string:
                     c.stopped_by_string = True
@@ -222,6 +243,41 @@ class Job:
         self.client_gone = True
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+    def shut_down(self) -> None:
+        """The server stops before the job finished: abort it; a stream gets a 503 event, a plain request
+        a 503, and the ledger row says so."""
+        if self.task is not None and not self.task.done():
+            self.error = self.error or SHUTTING_DOWN
+            self.events.put_nowait(SHUTTING_DOWN)
+            self.task.cancel()
+
+
+PROGRESS_EVERY_S = 0.5
+
+SHUTTING_DOWN = ApiError(503, "The server shut down before this request finished, so it was aborted; retry it.",
+                         type="server_error", code="shutting_down", headers={"retry-after": "5"})
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (finish_reason "error"); other requests were unaffected."""
+
+
+def failure_error(e: BaseException) -> ApiError:
+    """What a client is told when its request failed while running. Never the exception's text: it may
+    hold internals (paths, memory addresses); the log has the detail."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return ApiError(503, "The engine stopped while serving this request; retry it (/health says when the "
+                        "model is available again).", type="server_error", code="engine_unavailable",
+                        headers={"retry-after": "2"})
+    if isinstance(e, (UsageError, ResourceError)):
+        return invalid(str(e), "prompt")
+    if isinstance(e, MuseError):
+        return invalid(str(e))
+    return ApiError(500, "The server had an error while generating this request; other requests were not "
+                    "affected. Retry, and report it with the x-request-id if it persists.", type="server_error")
 
 
 def job_usage(job: Job) -> dict:

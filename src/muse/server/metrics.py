@@ -43,6 +43,8 @@ class _EngineGauges:
         gen = CounterMetricFamily("muse_engine_generation_tokens", "tokens the engine generated", labels=["model"])
         blocks = GaugeMetricFamily("muse_kv_cache_blocks", "KV-cache blocks in the pool", labels=["model"])
         steps = CounterMetricFamily("muse_engine_steps", "engine steps run", labels=["model"])
+        restarts = CounterMetricFamily("muse_engine_restarts", "times the engine process was restarted after dying",
+                                       labels=["model"])
         for model, s in snap.get("models", {}).items():
             waiting.add_metric([model], s["num_waiting"] + snap.get("admission_waiting", 0))
             running.add_metric([model], s["num_running"])
@@ -53,7 +55,8 @@ class _EngineGauges:
             gen.add_metric([model], s["num_generation_tokens"])
             blocks.add_metric([model], s["num_blocks"])
             steps.add_metric([model], s["num_steps"])
-        yield from (waiting, running, kv, hit, free, prompt, gen, blocks, steps)
+            restarts.add_metric([model], s.get("restarts", 0))
+        yield from (waiting, running, kv, hit, free, prompt, gen, blocks, steps, restarts)
 
 
 class ServerMetrics:

@@ -77,6 +77,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+MAX_STOP_CHARS = 256   # a stop string is matched on every streamed delta: its length bounds that work
 
 
 class StreamOptions(BaseModel):
@@ -120,6 +121,8 @@ class _Common(BaseModel):
             v = [v]
         if v is not None and len(v) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        if v is not None and any(len(s) > MAX_STOP_CHARS for s in v):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
         return v
 
     def unsupported(self) -> None:

@@ -1,0 +1,216 @@
+"""The two generation front ends, /v1/completions and /v1/chat/completions, over one skeleton.
+
+`Generation.handle` is the whole life of a request (serving.py has the steps); a front end supplies
+only what differs: how its body becomes prompts and sampling parameters (`prepare`, run after the
+rate limit and with tokenizing off the event loop) and how outputs are rendered (`chunk`, `finish`,
+`usage_chunk`, `choice`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from muse.common.errors import MuseError
+from muse.infer.sampler import TokenLogprob
+from muse.infer.sampling_params import SamplingParams
+from muse.server.jobs import Choice, Job, job_usage
+from muse.server.protocol import ApiError, ChatRequest, CompletionRequest, invalid
+from muse.server.serving import SafeJSONResponse, Serving
+from muse.server.state import ServedModel
+from muse.server.text import chat_logprobs, completion_logprobs
+from muse.tokenizer import render_prompt
+from muse.tokenizer.special import END_ID
+from muse.tokenizer.text import prompt_ids
+
+
+@dataclass
+class Prepared:
+    prompts: list[list[int]]
+    params: SamplingParams
+    texts: list[str] | None = None      # completions: each prompt's text, for echo
+
+
+class Generation(Serving):
+    endpoint = ""
+    prefix = ""
+    body_model: type = CompletionRequest
+
+    async def handle(self, request: Request) -> Response:
+        key = self.authenticate(request)
+        model_name = None
+        try:
+            grant = self.take_request(request, key)
+            try:
+                body = await self.parse(request, self.body_model)
+                model_name = body.model
+                served = self.find_model(key, body.model)
+                body.unsupported()
+                self.check_admitting()  # before tokenizing: a draining server does no work for a 503
+                prep = await self.prepare(body, served)
+                job = await self.admit(request, key, served, self.endpoint, self.prefix, prep.prompts, prep.params,
+                                       body.n, body.stop or (), grant)
+            except BaseException:
+                grant.settle(0)  # tokens were not spent; the request itself stays counted
+                raise
+        except ApiError as e:
+            self.record_rejection(request, key, self.endpoint, model_name, e)
+            raise
+        r = _Render(self, body, served, job, prep, int(time.time()))
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return self.stream_response(request, job, r.chunk, r.finish, include, r.usage_chunk)
+        await self.wait_job(job, request)
+        job.http_status = 200
+        return SafeJSONResponse({"id": job.request_id, "object": self.object_name, "created": r.created,
+                                 "model": served.name, "choices": [r.choice(c) for c in job.choices],
+                                 "usage": job_usage(job), "system_fingerprint": None},
+                                headers=self.headers_for(request))
+
+    object_name = ""
+    chunk_object = ""
+
+    async def prepare(self, body, served: ServedModel) -> Prepared:
+        raise NotImplementedError
+
+    # rendering: (front end, body, served, job, prepared) -> JSON-able dicts
+    def chunk(self, r: _Render, c: Choice, delta: str | None, new: Sequence[int], lps, first: bool) -> dict | None:
+        raise NotImplementedError
+
+    def finish(self, r: _Render, c: Choice) -> dict:
+        raise NotImplementedError
+
+    def choice(self, r: _Render, c: Choice) -> dict:
+        raise NotImplementedError
+
+
+class _Render:
+    """One request's rendering context, bound to the front end's renderers."""
+
+    def __init__(self, front: Generation, body, served: ServedModel, job: Job, prep: Prepared, created: int):
+        self.front, self.body, self.served, self.job, self.prep, self.created = front, body, served, job, prep, created
+        self.sent_echo: set[int] = set()
+
+    def head(self) -> dict:
+        return {"id": self.job.request_id, "object": self.front.chunk_object, "created": self.created,
+                "model": self.served.name}
+
+    def chunk(self, c, delta, new, lps, first):
+        return self.front.chunk(self, c, delta, new, lps, first)
+
+    def finish(self, c):
+        return self.front.finish(self, c)
+
+    def usage_chunk(self, job: Job) -> dict:
+        return {**self.head(), "choices": [], "usage": job_usage(job)}
+
+    def choice(self, c):
+        return self.front.choice(self, c)
+
+
+class CompletionGeneration(Generation):
+    endpoint, prefix, body_model = "completions", "cmpl", CompletionRequest
+    object_name = chunk_object = "text_completion"
+
+    async def prepare(self, body: CompletionRequest, served: ServedModel) -> Prepared:
+        raw = body.prompts()
+        if len(raw) * body.n > self.config.max_n:  # before tokenizing: refusing it costs nothing
+            what = f"n is {body.n}" if len(raw) == 1 else f"{len(raw)} prompts x n={body.n} is {len(raw) * body.n}"
+            raise invalid(f"{what}; this server generates at most {self.config.max_n} sequences per request.", "n")
+        prompts, texts = await self.off_loop(_encode_completion_prompts, served, raw)
+        lp = body.logprobs
+        params = self.sampling(body, served, max(len(p) for p in prompts), default_max=16, logprobs=lp,
+                               prompt_logprobs=lp if body.echo and lp is not None else None,
+                               num_prompts=len(prompts))
+        return Prepared(prompts, params, texts)
+
+    def _logprobs(self, r: _Render, c: Choice, tokens, lps: Sequence[TokenLogprob], echo_prompt: bool):
+        if r.body.logprobs is None:
+            return None
+        tok = r.served.tokenizer
+        if echo_prompt:
+            return completion_logprobs(tok, tokens, lps, prompt=c.prompt, prompt_lps=c.prompt_logprobs or ())
+        return completion_logprobs(tok, tokens, lps)
+
+    def chunk(self, r, c, delta, new, lps, first):
+        if first:
+            return None
+        text = delta or ""
+        echo = r.body.echo and c.index not in r.sent_echo
+        if echo:
+            r.sent_echo.add(c.index)
+            text = r.prep.texts[c.index // r.body.n] + text
+        return {**r.head(), "choices": [{"index": c.index, "text": text,
+                                         "logprobs": self._logprobs(r, c, new, lps, echo), "finish_reason": None}]}
+
+    def finish(self, r, c):
+        return {**r.head(), "choices": [{"index": c.index, "text": "", "logprobs": None,
+                                         "finish_reason": c.finish_reason}]}
+
+    def choice(self, r, c):
+        text = c.text.text
+        if r.body.echo:
+            text = r.prep.texts[c.index // r.body.n] + text
+        return {"index": c.index, "text": text, "logprobs": self._logprobs(r, c, c.token_ids, c.logprobs, r.body.echo),
+                "finish_reason": c.finish_reason}
+
+
+def _encode_completion_prompts(served: ServedModel, raw: list) -> tuple[list[list[int]], list[str]]:
+    """Token ids and texts of a completions request's prompts (a worker thread runs this)."""
+    tok = served.tokenizer
+    prompts, texts = [], []
+    for i, p in enumerate(raw):
+        if isinstance(p, str):
+            ids = prompt_ids(tok, p)  # after a document boundary, as every training document started
+            texts.append(p)
+        else:
+            bad = next((t for t in p if not 0 <= t < tok.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"prompt {i} holds token id {bad}, outside the vocabulary "
+                              f"(0..{tok.vocab_size - 1}).", "prompt")
+            ids = p
+            texts.append(tok.decode(p))
+        if not ids:
+            raise invalid(f"prompt {i} is empty; send at least one token.", "prompt")
+        prompts.append(ids)
+    return prompts, texts
+
+
+class ChatGeneration(Generation):
+    endpoint, prefix, body_model = "chat.completions", "chatcmpl", ChatRequest
+    object_name, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    async def prepare(self, body: ChatRequest, served: ServedModel) -> Prepared:
+        messages = body.plain_messages()
+        try:
+            prompt = await self.off_loop(render_prompt, served.tokenizer, messages)
+        except MuseError as e:
+            raise invalid(str(e), "messages") from None
+        lp = (body.top_logprobs or 0) if body.logprobs else None
+        params = self.sampling(body, served, len(prompt), default_max=None, logprobs=lp, prompt_logprobs=None,
+                               extra_stop_ids=(END_ID,))
+        return Prepared([prompt], params)
+
+    def _logprobs(self, r: _Render, tokens, lps):
+        return chat_logprobs(r.served.tokenizer, tokens, lps, r.body.top_logprobs or 0) if r.body.logprobs else None
+
+    def _chunk(self, r: _Render, c: Choice, delta: dict, lps_obj, finish) -> dict:
+        return {**r.head(), "system_fingerprint": None,
+                "choices": [{"index": c.index, "delta": delta, "logprobs": lps_obj, "finish_reason": finish}]}
+
+    def chunk(self, r, c, delta, new, lps, first):
+        if first:
+            return self._chunk(r, c, {"role": "assistant", "content": ""}, None, None)
+        return self._chunk(r, c, {"content": delta or ""}, self._logprobs(r, new, lps), None)
+
+    def finish(self, r, c):
+        return self._chunk(r, c, {}, None, c.finish_reason)
+
+    def choice(self, r, c):
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text.text, "refusal": None},
+                "logprobs": self._logprobs(r, c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
+

@@ -1,0 +1,71 @@
+"""Shared pieces of the server tests: tiny models and engines, and uvicorn in a thread on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+import torch
+import uvicorn
+
+from muse.infer.engine import Engine, EngineConfig
+from muse.model import ModelConfig, build_model
+from muse.server.app import create_app
+from muse.server.state import ServerConfig
+
+ADMIN = "admin-" + "x" * 40
+
+
+def tiny_model(tok, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=128,
+                      init_std=0.1)
+    return build_model(cfg).eval()
+
+
+def engine_for(model, tok, **kw):
+    return Engine(model, EngineConfig(block_size=8, num_blocks=160, max_num_seqs=16, **kw), tokenizer=tok)
+
+
+class Server:
+    """uvicorn in a thread on a free port; `url`, `state` (the app's AppState), `stop()`."""
+
+    def __init__(self, models, store, config=None):
+        self.app = create_app(models, store, config or ServerConfig(admin_key=ADMIN))
+        self.state = self.app.state.muse
+        self.store = store
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                    access_log=False, timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, key, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+
+    def aclient(self, key) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def engine(self, name="tiny") -> Engine:
+        return self.state.models[name].client.engine
+
+    def settle(self, timeout=10.0):
+        """Wait until no job is running and every engine is idle, then flush the ledger."""
+        deadline = time.monotonic() + timeout
+        while self.state.jobs or any(m.client.is_healthy and m.client.engine.has_unfinished_requests()
+                                     for m in self.state.models.values()):
+            assert time.monotonic() < deadline, "requests still running"
+            time.sleep(0.005)
+        self.store.flush()
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+

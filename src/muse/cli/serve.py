@@ -151,6 +151,8 @@ def run(args) -> int:
         draining = False
 
         def handle_exit(self, sig, frame):
+            if state.loop is None:  # a signal before start-up finished: nothing runs yet, stop at once
+                return super().handle_exit(sig, frame)
             if self.draining:
                 state.config.shutdown_grace_s = 0
                 for j in list(state.jobs):

@@ -321,3 +321,47 @@ def test_a_database_url_is_refused_until_that_store_exists(checkpoint, tmp_path,
     err = capsys.readouterr().err
     assert "PostgreSQL" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not any(tmp_path.iterdir())  # no directories were made from the URL
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the engine process through /proc")
+def test_the_server_restarts_a_killed_engine_process(long_checkpoint, tmp_path):
+    """SIGKILL the engine child mid-stream (an OOM kill): the stream ends with a retryable 503 event, the
+    server starts a new engine, later requests are served, and /metrics counts the restart."""
+    db = tmp_path / "serve.sqlite3"
+    with Store(db) as store:
+        key, _ = store.create_key("acme")
+    auth = {"Authorization": f"Bearer {key}"}
+    proc, url = _start(long_checkpoint, db)
+    try:
+        stream = []
+        t = _stream_until(url, auth, 3, stream)
+        (engine_pid,) = _children(proc.pid)
+        os.kill(engine_pid, signal.SIGKILL)
+        t.join(30)
+        events = [line[6:] for line in stream[1:] if isinstance(line, str) and line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_unavailable"
+        deadline = time.monotonic() + 90
+        while httpx.get(url + "/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the engine was not restarted"
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", headers=auth, timeout=30,
+                       json={"model": "long", "prompt": [5, 6], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        assert 'muse_engine_restarts_total{model="long"} 1.0' in metrics
+        assert _children(proc.pid) != [engine_pid]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

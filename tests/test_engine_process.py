@@ -358,3 +358,13 @@ def test_restart_policy_backs_off_and_gives_up():
     assert p.record_death(3) is None                    # a fourth death within the window: give up
     q = RestartPolicy(max_restarts=1, window_s=10, backoff_s=0.5)
     assert q.record_death(0) == 0.5 and q.record_death(20) == 0.5  # the first one left the window
+
+
+def test_default_threads_leave_the_parent_a_core():
+    from muse.infer.engine_process import default_threads
+
+    assert default_threads("cpu", 2, {}) == 1
+    assert default_threads("cpu", 1, {}) == 1
+    assert default_threads("cpu", 16, {}) == 15
+    assert default_threads("cpu", 2, {"OMP_NUM_THREADS": "2"}) is None  # the user's choice stands
+    assert default_threads("cuda", 16, {}) is None

@@ -171,6 +171,29 @@ def test_local_logliks_and_bpb_match_a_forward_pass(loaded):
     assert nll["tokens"] == len(ids) - 1 and nll["nll"] == pytest.approx(want, rel=1e-4)
 
 
+def test_local_logliks_with_prefix_reuse_equal_every_prompt_logprob(loaded):
+    """The choices of one question ask for prompt logprobs from the continuation on, so their shared
+    context comes from the prefix cache (fast path); equal to asking for every prompt logprob."""
+    model, tok = loaded
+    context = "the king and the queen speak of love and the lady of the night and the lord of the"
+    request = {"op": "loglik", "context": context, "continuations": [" crown", " sword and day", " heart", " day"]}
+    results = {}
+    for reuse in (True, False):
+        provider, client = local_provider(model, tok, prefix_reuse=reuse)
+
+        async def go(provider=provider, client=client):
+            out = await provider.call(request)
+            stats = client.stats()
+            await client.shutdown()
+            return out, stats
+
+        results[reuse] = run(go())
+    (fast, fast_stats), (slow, slow_stats) = results[True], results[False]
+    assert fast_stats.prefix_cache_hit_rate > 0 and slow_stats.prefix_cache_hit_rate == 0
+    assert fast["tokens"] == slow["tokens"]
+    assert fast["logliks"] == pytest.approx(slow["logliks"], abs=1e-5)
+
+
 def test_runner_scores_caches_and_reports(loaded, tmp_path):
     model, tok = loaded
     paths = write_tasks(tmp_path / "tasks")

@@ -125,6 +125,52 @@ def test_completions_n_seed_echo_logprobs(server, tok, models):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[1] == 0  # the boundary token takes no room
 
 
+def test_echo_logprobs_of_prompts_sharing_a_context_equal_each_prompt_alone(server):
+    """Several prompts in one echo + logprobs request (muse eval's multiple-choice questions): each
+    prompt after the first takes the logprobs of the context it shares with prompt 0 from prompt 0
+    and computes only its own tail, the context from the prefix cache. The fast path against the
+    slow one: each prompt sent alone."""
+    c = server.client(new_key(server))
+    context = "the king and the queen speak of love and night and the fair lady hear the sword and crown"
+    prompts = [context + tail for tail in (" day", " heart come", " go", "", " the king speaks")] + ["a lady"]
+    kw = dict(model="tiny", max_tokens=1, temperature=0, echo=True, logprobs=2)
+    together = c.completions.create(prompt=prompts, **kw)
+    assert together.usage.prompt_tokens_details.cached_tokens > 0   # the context was computed once
+    for i, p in enumerate(prompts):
+        alone = c.completions.create(prompt=p, **kw).choices[0].logprobs
+        got = together.choices[i].logprobs
+        assert together.choices[i].text == p + c.completions.create(prompt=p, **kw).choices[0].text[len(p):]
+        assert got.tokens == alone.tokens and got.text_offset == alone.text_offset
+        assert got.token_logprobs[0] is None and alone.token_logprobs[0] is None
+        assert got.token_logprobs[1:] == pytest.approx(alone.token_logprobs[1:], abs=1e-5)
+        for g, a in zip(got.top_logprobs[1:], alone.top_logprobs[1:]):
+            assert list(g) == list(a) and list(g.values()) == pytest.approx(list(a.values()), abs=1e-5)
+    assert_blocks_free(server)
+
+
+def test_echo_logprobs_of_a_chunked_prompt_are_complete(tok, models, tmp_path):
+    """A prompt computed in chunks (8 tokens a step) gets its prompt logprobs over several steps: the
+    echo carries all of them (the job keeps the latest cumulative output, not the first), streamed or not."""
+    store = Store(tmp_path / "s.sqlite3")
+    srv = Server([ServedModel.from_engine("tiny", engine_for(models["tiny"], tok, max_num_batched_tokens=8))], store)
+    try:
+        c = srv.client(store.create_key("p")[0])
+        prompt = "the king and the queen speak of love and night and the fair lady"
+        ids = [EOT_ID] + tok.encode(prompt)
+        assert len(ids) > 16
+        with torch.no_grad():
+            full = torch.log_softmax(models["tiny"](torch.tensor([ids]))[0].float(), -1)
+        want = [full[k - 1, ids[k]].item() for k in range(1, len(ids))]
+        kw = dict(model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=0)
+        plain = c.completions.create(**kw).choices[0].logprobs.token_logprobs
+        assert plain[0] is None and plain[1:len(ids)] == pytest.approx(want, abs=1e-4)
+        streamed = [ch for ev in c.completions.create(stream=True, **kw) for ch in ev.choices if ch.logprobs]
+        assert streamed[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+    finally:
+        srv.stop()
+        store.close()
+
+
 def test_chat_matches_the_chat_format_and_streams_the_same_text(server, tok, models):
     c = server.client(new_key(server))
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "speak of the king"}]

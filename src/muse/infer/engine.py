@@ -88,7 +88,10 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
-    prompt_logprobs: list[TokenLogprob] | None = None   # one per prompt token after the first
+    # With SamplingParams.prompt_logprobs: entry j is the logprob of prompt token S + j given the tokens
+    # before it, for positions S .. len(prompt) - 1, S = prompt_logprobs_start (default 1: one entry per
+    # prompt token after the first). None when nothing was asked for or no position is >= S.
+    prompt_logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0                          # prompt tokens served from the prefix cache
     finished: bool = False
 

@@ -84,10 +84,26 @@ class EngineSpec:
     device: str = "cpu"
     dtype: str | None = None            # a torch dtype name ("bfloat16"); None: the checkpoint's
     stages: tuple[str, ...] = ("base",)
-    threads: int | None = None          # torch intra-op threads in the child; None: torch's default
+    threads: int | None = None          # torch intra-op threads in the child; None: default_threads()
 
 
 # ---- the child ----------------------------------------------------------------------------------------
+
+
+def default_threads(device: str, torch_default: int, env: dict) -> int | None:
+    """The child's intra-op threads when the spec names none: on CPU one fewer than torch's default (its
+    core count), at least 1, so that the parent (the server's event loop) keeps a core; None (torch's own
+    choice) on accelerators or when OMP_NUM_THREADS / MKL_NUM_THREADS say otherwise.
+
+    Why: torch's OpenMP threads spin between parallel regions and each region waits for its slowest
+    thread. With as many threads as cores, any other busy process (the server's HTTP work, a client on
+    the same machine) deschedules one of them and every small op of the step then waits out a scheduler
+    time slice. Measured on 2 cores (BENCHMARKS.md section 8): `muse eval` of 200 multiple-choice
+    questions against `muse serve` took 52 s with 2 engine threads, 3.4 s with 1; the profile had the
+    engine process busy the whole time, half of it in the tiny ops of token_logprobs."""
+    if device != "cpu" or env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS"):
+        return None
+    return max(1, torch_default - 1)
 
 
 def _picklable(e: BaseException) -> BaseException:
@@ -110,8 +126,9 @@ def _child_main(cmds: Connection, outs: Connection) -> None:
 
         from muse.infer.engine import Engine
 
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
+        threads = spec.threads or default_threads(spec.device, torch.get_num_threads(), os.environ)
+        if threads:
+            torch.set_num_threads(threads)
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
         engine = Engine.from_checkpoint(spec.checkpoint, spec.config, device=spec.device, dtype=dtype,
                                         stages=spec.stages)

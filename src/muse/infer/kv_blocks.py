@@ -291,14 +291,21 @@ class KVCacheManager:
         """The longest cached prefix of full blocks: (blocks, num_cached_tokens). Does not take them.
 
         Never the whole known sequence: at least one token is left to compute so the model produces
-        logits to sample from. Requests asking for prompt logprobs get no hits (cached positions would
-        have no logits).
+        logits to sample from. A request asking for prompt logprobs from position S on
+        (`SamplingParams.first_prompt_logprob`, 1 by default) hits at most S - 1 tokens: position S - 1
+        must be computed, as its logits give token S's logprob (so without a start: no hits at all).
         """
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching:
+            return [], 0
+        # the hit covers positions < limit: at least the last known token is computed
+        limit = request.num_tokens - 1
+        if request.sampling_params.prompt_logprobs is not None:
+            limit = min(limit, request.sampling_params.first_prompt_logprob - 1)
+        if limit < self.block_size:
             return [], 0
         hashes, tokens, bs = self._block_hashes(request), request.all_token_ids, self.block_size
         hits: list[Block] = []
-        for i in range(min(len(hashes), (request.num_tokens - 1) // bs)):
+        for i in range(min(len(hashes), limit // bs)):
             block = self.pool.lookup(hashes[i], tokens[i * bs:(i + 1) * bs])
             if block is None:
                 break

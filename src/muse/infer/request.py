@@ -78,7 +78,7 @@ class Request:
         self.num_cached_tokens = -1         # prefix-cache hit tokens at first admission (-1: not yet)
         self.block_hashes: list[bytes] = []  # hash chain of its full blocks of known tokens
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
-        self.num_prompt_logprobs_sent = 0   # prompt tokens whose logprobs were already reported
+        self.num_prompt_logprobs_sent = 0   # prompt positions 1 .. this one were reported (or skipped)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "

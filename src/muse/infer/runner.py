@@ -144,10 +144,12 @@ class ModelRunner:
             spans.append(SeqSpan(s.start_pos, T, s.block_ids))
             ids.extend(s.token_ids)
             if s.sampling_params.prompt_logprobs is not None:
-                end = min(s.start_pos + T, st.num_prompt_tokens - 1)  # last prompt token reported
-                if end > s.start_pos:
-                    prompt_jobs.append((s, len(rows), st.token_ids[s.start_pos + 1:end + 1]))
-                    rows.extend(range(off, off + end - s.start_pos))
+                # prompt tokens first..end get a logprob this step; token k's comes from position k - 1
+                first = max(s.start_pos + 1, s.sampling_params.first_prompt_logprob)
+                end = min(s.start_pos + T, st.num_prompt_tokens - 1)
+                if end >= first:
+                    prompt_jobs.append((s, len(rows), st.token_ids[first:end + 1]))
+                    rows.extend(range(off + first - 1 - s.start_pos, off + end - s.start_pos))
             if s.sample:
                 k = len(s.spec_token_ids)
                 sample_jobs.append((s, st, len(rows)))

@@ -86,6 +86,10 @@ class SamplingParams:
     n: int = 1                           # parallel samples sharing the prompt's KV blocks
     logprobs: int | None = None          # per generated token: its logprob and the top-`logprobs` ones
     prompt_logprobs: int | None = None   # per prompt token: its logprob and the top-`prompt_logprobs`
+    # With prompt_logprobs: report only prompt positions k >= this (>= 1), the logprob of token k given
+    # tokens < k. The tokens before position start - 1 may then come from the prefix cache (None = 1:
+    # every prompt position after the first, and no prefix-cache hits).
+    prompt_logprobs_start: int | None = None
     ignore_eos: bool = False             # keep generating after eos (benchmarks)
 
     def __post_init__(self):
@@ -114,8 +118,20 @@ class SamplingParams:
         set_("logprobs", _int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS, optional=True))
         set_("prompt_logprobs", _int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS,
                                      optional=True))
+        set_("prompt_logprobs_start", _int("prompt_logprobs_start", self.prompt_logprobs_start, lo=1,
+                                           optional=True))
+        if self.prompt_logprobs_start is not None and self.prompt_logprobs is None:
+            raise UsageError("sampling parameter prompt_logprobs_start needs prompt_logprobs (how many top "
+                             "alternatives per prompt token; 0 for none)")
         if not isinstance(self.ignore_eos, bool):
             raise UsageError(f"sampling parameter ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    @property
+    def first_prompt_logprob(self) -> int:
+        """The first prompt position whose logprob is reported (position 0 has none). The scheduler lets a
+        request with prompt logprobs hit the prefix cache only below position first_prompt_logprob - 1,
+        whose logits predict that token."""
+        return self.prompt_logprobs_start or 1
 
     @property
     def is_greedy(self) -> bool:

@@ -124,7 +124,8 @@ class RunnerOutput:
     # per request with sample=True: 1 token, or the accepted drafts + 1 when drafts were scheduled
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[Any]] = field(default_factory=dict)         # one entry per sampled token
-    # logprobs of prompt tokens start_pos + 1 .. min(start_pos + len(token_ids), num_prompt_tokens - 1)
+    # logprobs of prompt tokens max(start_pos + 1, S) .. min(start_pos + len(token_ids), num_prompt_tokens - 1),
+    # S = sampling_params.first_prompt_logprob (prompt_logprobs_start, default 1)
     prompt_logprobs: dict[str, list[Any]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)   # drafts for the next step
     # requests the runner failed on alone (it logged why): they finish with "error"
@@ -387,7 +388,8 @@ class Scheduler:
         """The prompt-logprob entries not reported before (a preempted request recomputes its prompt)."""
         if not entries:
             return None
-        first = s.start_pos + 1  # entries[j] is the logprob of prompt token first + j
+        # entries[j] is the logprob of prompt token first + j (the runner's rule, RunnerOutput.prompt_logprobs)
+        first = max(s.start_pos + 1, s.sampling_params.first_prompt_logprob)
         fresh = entries[max(0, req.num_prompt_logprobs_sent + 1 - first):]
         req.num_prompt_logprobs_sent = max(req.num_prompt_logprobs_sent, first - 1 + len(entries))
         return fresh or None

@@ -210,8 +210,8 @@ class Job:
         try:
             async for out in stream:
                 o = out.outputs[0]
-                if out.prompt_logprobs and c.prompt_logprobs is None:
-                    c.prompt_logprobs = list(out.prompt_logprobs)
+                if out.prompt_logprobs is not None:  # cumulative: a chunked prompt's arrive over several steps
+                    c.prompt_logprobs = out.prompt_logprobs
                 c.cached_tokens = out.num_cached_tokens
                 new = [] if c.stopped_by_string else list(o.new_token_ids)
                 lps = []

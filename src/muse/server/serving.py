@@ -262,9 +262,10 @@ class Serving:
 
     async def admit(self, request: Request, key: ApiKey, served: ServedModel, endpoint: str, prefix: str,
                     prompts: list[list[int]], params: SamplingParams, n: int, stop: Sequence[str],
-                    grant: Grant) -> Job:
+                    grant: Grant, *, prompt_params: Sequence[SamplingParams] | None = None) -> Job:
         """Reserve tokens (rate limit, quota), wait for admission, start the job. On any failure the
-        reservations are given back and the request slot stays spent."""
+        reservations are given back and the request slot stays spent. `prompt_params`: each prompt's own
+        params (they differ from `params` only in where prompt logprobs start)."""
         state = self.state
         self.check_admitting()
         sequences = n * len(prompts)
@@ -287,8 +288,9 @@ class Serving:
             raise
         choices = []
         for i, prompt in enumerate(prompts):
+            base = prompt_params[i] if prompt_params else params
             for j in range(n):
-                p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+                p = base if base.seed is None else dataclasses.replace(base, seed=base.seed + j)
                 choices.append(Choice(i * n + j, prompt, p, TextStream(served.tokenizer, stop)))
         request_id = f"{prefix}-{request.state.request_hex}"
         request.state.request_id = request_id

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("muse.cli.serve", "serve checkpoints over an OpenAI-compatible API with keys and limits"),
     "keys": ("muse.cli.keys", "create, list, revoke and rotate API keys for `muse serve`"),
     "usage": ("muse.cli.usage", "the usage ledger of `muse serve`: per partner, or one row per request"),
+    "sft": ("muse.cli.sft", "supervised fine-tuning on chat data (resumable)"),
+    "chat": ("muse.cli.chat", "chat with a model in the terminal"),
+    "eval": ("muse.cli.eval", "score checkpoints and OpenAI-compatible endpoints side by side on tasks"),
     "speedrun": ("muse.cli.speedrun", "the whole pipeline on the embedded corpus, with a report"),
 }
 

@@ -7,7 +7,8 @@ import pytest
 from muse.cli.main import main
 
 TINY = ["--depth", "1", "--max-steps", "4", "--device", "cpu", "--set", "seq_len=32", "--set", "batch_size=2",
-        "--set", "eval_batches=1", "--set", "model.d_model=64", "--set", "model.n_head=2", "--max-tokens", "8"]
+        "--set", "eval_batches=1", "--set", "model.d_model=64", "--set", "model.n_head=2", "--max-tokens", "8",
+        "--sft-steps", "0", "--eval-limit", "2"]
 
 
 @pytest.mark.slow
@@ -20,6 +21,8 @@ def test_speedrun_writes_a_report_and_skips_finished_stages(tmp_path, capsys):
     assert (out / "base" / "loss.png").exists()
     assert first["steps"] == 4 and first["unigram_bpb"] > 2 and first["val_bpb"] > 0
     assert report.count("```") == 8  # three samples and how to serve it
+    assert "## Evaluation" in report and "| which_play | acc |" in report  # muse eval of the final model
+    assert json.loads((out / "eval" / "results.json").read_text())["settings"]["limit"] == 2
     curl = first["serve"][-1]
     assert curl.startswith("curl ") and "Authorization: Bearer $KEY" in curl and curl in report
     assert json.loads(curl.split(" -d '")[1].rstrip("'"))["model"] == "sr"   # the name `muse serve` gives it

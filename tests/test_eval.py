@@ -357,3 +357,25 @@ def test_an_unreachable_url_is_one_clear_error(tmp_path):
     with pytest.raises(ProviderFailed):
         run(OpenAIProvider(ModelSpec("gone", "openai", f"http://127.0.0.1:{port}/v1", "m"), retries=0).call(
             {"op": "complete", "prompt": "x", "max_tokens": 1}))
+
+
+def test_cli_reports_contaminated_test_items(tiny_checkpoint, tmp_path, capsys):
+    """A post-training file that holds a copy of one quote_completion test item: `muse eval
+    --contamination-data` finds exactly that one and reports it per task."""
+    import muse.tasks as tasks_lib
+    from muse.tasks.contamination import item_text
+
+    item = tasks_lib.get("quote_completion").samples("test")[0]
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Recite."},
+                                             {"role": "assistant", "content": item_text(item)}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                   "content": "hello"}]}) + "\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", f"A={tiny_checkpoint}", "--tasks", "quote_completion", "--limit", "2",
+                 "--out", str(out), "--no-cache", "--device", "cpu", "--contamination-data", str(data)]) == 0
+    err = capsys.readouterr().err
+    (report,) = json.loads((out / "contamination.json").read_text())
+    assert report["task"] == "quote_completion" and report["contaminated"] == 1 and report["checked"] >= 1000
+    assert "1 of" in err and "quote_completion" in err
+    assert "## Contamination" in (out / "report.md").read_text()

@@ -22,6 +22,7 @@ def test_speedrun_writes_a_report_and_skips_finished_stages(tmp_path, capsys):
     assert first["steps"] == 4 and first["unigram_bpb"] > 2 and first["val_bpb"] > 0
     assert report.count("```") == 8  # three samples and how to serve it
     assert "## Evaluation" in report and "| which_play | acc |" in report  # muse eval of the final model
+    assert "| quote_completion | 1000 |" in report  # its contamination check
     assert json.loads((out / "eval" / "results.json").read_text())["settings"]["limit"] == 2
     curl = first["serve"][-1]
     assert curl.startswith("curl ") and "Authorization: Bearer $KEY" in curl and curl in report

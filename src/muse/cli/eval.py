@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cache.add_argument("--cache", help="response cache file (default $MUSE_EVAL_CACHE, else $MUSE_HOME/eval-cache.sqlite3)")
     cache.add_argument("--no-cache", action="store_true", help="send every request; remember nothing")
     p.add_argument("--gate", metavar="FILE.toml", help="minimum per task metric; exit 3 when a model falls below")
+    p.add_argument("--contamination", metavar="RUN_DIR",
+                   help="also check that no test item of the tasks occurs in RUN_DIR's training shards (13-gram "
+                        "overlap, docs/eval.md); writes contamination.json and a table in report.md")
+    p.add_argument("--contamination-data", action="append", default=[], metavar="FILE.jsonl",
+                   help="post-training data to check as well (chat JSONL or text rows; repeatable)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
 
 
@@ -80,6 +85,8 @@ def run(args) -> int:
                        cache=False if args.no_cache else (args.cache or True), concurrency=args.concurrency,
                        judge=args.judge, stage=args.stage, device=args.device, dtype=args.dtype, style=args.style,
                        api_key_env=args.api_key_env, retries=args.retries, timeout=args.timeout)
+    if args.contamination or args.contamination_data:
+        contamination(args, out)
     if args.json:
         print(json.dumps(results.data, indent=2))
     else:
@@ -94,3 +101,40 @@ def run(args) -> int:
             print(f"muse eval: gate failed: {failures[0]}{more}", file=sys.stderr)
             return 3
     return 2 if results.errors else 0
+
+
+def contamination(args, out: Path) -> list:
+    """Per task: test items found in the run's training shards and in the post-training files given."""
+    from muse.common.errors import UsageError
+    from muse.common.paths import atomic_write_json, atomic_write_text
+    from muse.eval import contamination_table
+    from muse.tasks import resolve
+    from muse.tasks.contamination import check_contamination
+
+    rows = []
+    for f in args.contamination_data:
+        path = Path(f)
+        if not path.is_file():
+            raise UsageError(f"--contamination-data {path} does not exist")
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{i}: not JSON ({e.msg})") from None
+    data_dir = None
+    if args.contamination:
+        data_dir = Path(args.contamination)
+        data_dir = data_dir / "data" if (data_dir / "data").is_dir() else data_dir
+    tasks = [t for t in resolve(args.tasks) if t.kind != "bpb"]
+    reports = check_contamination(tasks, texts=rows or None, data_dir=data_dir, split=args.split)
+    atomic_write_json(out / "contamination.json", [r.to_dict() for r in reports])
+    report = out / "report.md"
+    text = report.read_text() if report.exists() else ""
+    atomic_write_text(report, text + "\n## Contamination\n\nTest items found in the training text (word 13-gram "
+                      "overlap; short templated items checked whole):\n\n" + contamination_table(reports) + "\n")
+    bad = [r for r in reports if r.contaminated and not r.overlap_expected]
+    for r in bad:
+        print(f"muse eval: warning: {r.contaminated} of {r.checked} {r.task} test items occur in the training "
+              "text", file=sys.stderr)
+    return reports

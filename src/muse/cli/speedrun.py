@@ -153,7 +153,7 @@ def serve_hint(out: Path) -> list[str]:
     ]
 
 
-def eval_stage(out: Path, args) -> dict:
+def eval_stage(out: Path, args) -> tuple[dict, list]:
     """`muse eval` of the final model (the stage trained last) on every built-in task; answers cached in
     RUN/eval, so a rerun on the same checkpoint costs seconds."""
     from muse.checkpoint import latest_stage
@@ -163,12 +163,21 @@ def eval_stage(out: Path, args) -> dict:
     stage = latest_stage(out) or "base"
     res = run_eval([f"{stage}={out}"], "all", limit=args.eval_limit, out_dir=out / "eval",
                    cache=out / "eval" / "cache.sqlite3", device=args.device or "auto", show_progress=False)
-    print(f"eval: {time.perf_counter() - t0:.1f}s ({stage})", file=sys.stderr)
-    return res.data
+    # contamination: no test item may occur in the pretraining shards or in the SFT data (the built-in
+    # tasks' train splits, which the default mixture draws its conversations from)
+    import muse.tasks as tasks_lib
+    from muse.tasks.contamination import check_contamination
+    from muse.tasks.prompts import train_conversations
+
+    tasks = [t for t in tasks_lib.all_tasks() if t.kind != "bpb"]
+    sft_rows = [c for t in tasks if t.kind in ("generate", "chat") for c in train_conversations(t, "train")]
+    reports = check_contamination(tasks, texts=sft_rows, data_dir=out / "data")
+    print(f"eval + contamination: {time.perf_counter() - t0:.1f}s ({stage})", file=sys.stderr)
+    return res.data, reports
 
 
 def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict, post: dict | None = None,
-                 evals: dict | None = None) -> dict:
+                 evals: tuple[dict, list] | None = None) -> dict:
     """RUN/report.md from what the stages left on disk (so it can be rebuilt without retraining)."""
     from muse.checkpoint import latest_good, load_train_state
     from muse.common.paths import atomic_write_text
@@ -213,12 +222,15 @@ def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict, po
     if post is not None:
         lines += sft_section(out, facts, post)
     if evals is not None:
-        from muse.eval import results_table
+        from muse.eval import contamination_table, results_table
 
+        results, reports = evals
         lines += ["## Evaluation", "", f"`muse eval` of the final model on every built-in task, first "
-                  f"{evals['settings'].get('limit')} test items each (few-shot as each task defines; mean +- "
+                  f"{results['settings'].get('limit')} test items each (few-shot as each task defines; mean +- "
                   "bootstrap standard error). Full report with samples and charts: [eval/report.md](eval/report.md).",
-                  "", results_table(evals), ""]
+                  "", results_table(results), "",
+                  "Contamination: test items found in the pretraining shards or the SFT data (word 13-gram overlap; "
+                  "short templated items checked whole):", "", contamination_table(reports), ""]
     lines += ["## Serve it", "", "```sh", *serve_hint(out), "```", ""]
     lines += ["Rebuild: `muse speedrun` (skips finished stages). Details: base/metrics.jsonl, base/train_config.json, "
               "base/tensorboard/.", ""]

@@ -15,11 +15,11 @@ release gate). docs/eval.md is the user's guide. This package knows no server an
 from muse.eval.cache import NoCache, ResponseCache, default_cache_path
 from muse.eval.gate import Gate, check_gate, load_gate
 from muse.eval.providers import ModelSpec, Provider, ProviderFailed, SampleFailed, parse_model_spec
-from muse.eval.report import results_table, write_report
+from muse.eval.report import contamination_table, results_table, write_report
 from muse.eval.runner import EvalOptions, EvalResults, evaluate, make_provider, run_eval
 
 __all__ = [
     "EvalOptions", "EvalResults", "Gate", "ModelSpec", "NoCache", "Provider", "ProviderFailed", "ResponseCache",
-    "SampleFailed", "check_gate", "default_cache_path", "evaluate", "load_gate", "make_provider",
+    "SampleFailed", "check_gate", "contamination_table", "default_cache_path", "evaluate", "load_gate", "make_provider",
     "parse_model_spec", "results_table", "run_eval", "write_report",
 ]

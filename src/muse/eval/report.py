@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from muse.common.paths import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -216,3 +217,12 @@ def write_report(results, out_dir: str | Path) -> Path:
             charts.append(name)
     atomic_write_text(out / "report.md", render_markdown(data, records, charts))
     return out
+
+
+def contamination_table(reports: Sequence) -> str:
+    """Markdown: per task, how many test items occur in the training text (tasks.contamination)."""
+    rows = ["| task | items checked | contaminated | too short to check | note |", "|---|---|---|---|---|"]
+    for r in reports:
+        note = r.overlap_expected or ("" if not r.examples else f"e.g. {r.examples[0].get('id')}")
+        rows.append(f"| {r.task} | {r.checked} | {r.contaminated} ({r.rate:.1%}) | {r.too_short} | {note} |")
+    return "\n".join(rows)

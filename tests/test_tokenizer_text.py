@@ -80,11 +80,14 @@ def test_specials_in_prompts_and_logprob_token_text(tok):
 
 
 def test_every_edge_turns_a_prompt_into_the_same_ids(tok):
-    """One text edge: `muse generate`, `muse sample` and the server's completions route tokenize a raw
-    prompt (special-token literals included) identically (the three copies had drifted apart)."""
+    """One text edge: `muse generate`, the server's completions route and `muse eval` tokenize a raw prompt
+    (special-token literals included) identically (the copies had drifted apart)."""
     from muse.cli.generate import _prompt_ids
+    from muse.eval import local as eval_local
     from muse.server.generation import _encode_completion_prompts
     from muse.tokenizer.text import prompt_ids
+
+    assert eval_local.prompt_ids is prompt_ids  # muse eval's checkpoint provider encodes through the same edge
 
     class Served:
         tokenizer = tok

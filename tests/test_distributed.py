@@ -181,13 +181,14 @@ def test_bad_parallel_settings_fail_before_starting_processes(fresh_run, capsys,
 
 def test_worker_command_line_is_rebuilt_exactly():
     from muse.cli import train as train_cli
+    from muse.distributed.launch import rebuild_argv
 
     p = argparse.ArgumentParser()
     train_cli.add_arguments(p)
     argv = ["runs/x", "--depth", "3", "--set", "a=1", "--set", "b='x y'", "--compile", "--nproc", "4", "--tp", "2",
             "--resume", "--ac", "full"]
     args = p.parse_args(argv)
-    assert p.parse_args(train_cli._argv(args)) == args
+    assert p.parse_args(rebuild_argv(train_cli.add_arguments, args)) == args
 
 
 # --- the sharded optimizer against the single-device one -----------------------------------------------

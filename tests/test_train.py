@@ -112,13 +112,14 @@ def test_compile_switch_parses_and_survives_the_worker_command_line():
     import argparse
 
     from muse.cli import train as train_cli
+    from muse.distributed.launch import rebuild_argv
     from muse.train.config import load_config
 
     p = argparse.ArgumentParser()
     train_cli.add_arguments(p)
     for argv, want in ((["r"], None), (["r", "--compile"], True), (["r", "--no-compile"], False)):
         args = p.parse_args(argv)
-        assert args.compile is want and p.parse_args(train_cli._argv(args)) == args
+        assert args.compile is want and p.parse_args(rebuild_argv(train_cli.add_arguments, args)) == args
     assert load_config(None, {}, ["parallel.compile=true"]).parallel.compile is True
     assert load_config(None, {"parallel.compile": False}, ["parallel.compile=true"]).parallel.compile is True  # --set last
 

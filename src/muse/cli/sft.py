@@ -70,10 +70,10 @@ def run(args) -> int:
     cfg = load_args_config(args)
     loop = sft_loop(cfg, args.run_dir, resume=args.resume, force=args.force)  # reads and checks the data first
     if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from muse.distributed.launch import launch
+        from muse.distributed.launch import launch, rebuild_argv
 
         loop.check(world_size=cfg.parallel.nproc)
-        launch(cfg.parallel.nproc, ["sft", *_argv(args)])
+        launch(cfg.parallel.nproc, ["sft", *rebuild_argv(add_arguments, args)])
         return 0
     result = loop.train()
     from muse.common import dist
@@ -99,23 +99,3 @@ def run(args) -> int:
     sys.stdout.flush()
     return 0
 
-
-def _argv(args) -> list[str]:
-    """The command line that produced `args`, for the worker processes (rebuilt from the parser)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_arguments(p)
-    out: list[str] = []
-    for action in p._actions:
-        value = getattr(args, action.dest, None)
-        if not action.option_strings:
-            out.append(str(value))
-        elif value is None or value is False or value == action.default:
-            continue
-        elif isinstance(action, argparse._StoreTrueAction):
-            out.append(action.option_strings[0])
-        elif isinstance(action, argparse._AppendAction):
-            for v in value:
-                out += [action.option_strings[0], str(v)]
-        else:
-            out += [action.option_strings[0], str(value)]
-    return out

@@ -98,10 +98,10 @@ def run(args) -> int:
     if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # The launcher: start N copies of this very command under torchrun's agent. They see WORLD_SIZE
         # and train; --nproc is then ignored. A failing rank surfaces here as one WorkerFailed line.
-        from muse.distributed.launch import launch
+        from muse.distributed.launch import launch, rebuild_argv
 
         loop.check(world_size=cfg.parallel.nproc)
-        launch(cfg.parallel.nproc, ["train", *_argv(args)])
+        launch(cfg.parallel.nproc, ["train", *rebuild_argv(add_arguments, args)])
         return 0
     result = loop.train()
     from muse.common import dist
@@ -126,26 +126,3 @@ def run(args) -> int:
     sys.stdout.flush()
     return 0
 
-
-def _argv(args) -> list[str]:
-    """The command line that produced `args` (for the worker processes), rebuilt from the parser."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_arguments(p)
-    out: list[str] = []
-    for action in p._actions:
-        value = getattr(args, action.dest, None)
-        if not action.option_strings:
-            out.append(str(value))
-        elif isinstance(action, argparse.BooleanOptionalAction):
-            if value is not None and value != action.default:
-                out.append(action.option_strings[0 if value else 1])  # --compile / --no-compile
-        elif value is None or value is False or value == action.default:
-            continue
-        elif isinstance(action, argparse._StoreTrueAction):
-            out.append(action.option_strings[0])
-        elif isinstance(action, argparse._AppendAction):
-            for v in value:
-                out += [action.option_strings[0], str(v)]
-        else:
-            out += [action.option_strings[0], str(value)]
-    return out

@@ -17,6 +17,7 @@ Testing hook: MUSE_FAULT_AT_STEP=3 MUSE_FAULT_RANK=1 makes rank 1 raise just bef
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -170,3 +171,28 @@ def launch(nproc: int, argv: list[str], *, monitor_interval: float = 0.1) -> Non
     finally:
         for name, level in old_levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def rebuild_argv(add_arguments, args: argparse.Namespace) -> list[str]:
+    """The command line that produced `args` (for the worker processes `launch` starts), rebuilt from the
+    verb's own `add_arguments`: every flag that differs from its default, in the parser's order."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    out: list[str] = []
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings:
+            out.append(str(value))
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            if value is not None and value != action.default:
+                out.append(action.option_strings[0 if value else 1])  # --compile / --no-compile
+        elif value is None or value is False or value == action.default:
+            continue
+        elif isinstance(action, argparse._StoreTrueAction):
+            out.append(action.option_strings[0])
+        elif isinstance(action, argparse._AppendAction):
+            for v in value:
+                out += [action.option_strings[0], str(v)]
+        else:
+            out += [action.option_strings[0], str(value)]
+    return out

@@ -96,7 +96,7 @@ def check_json(data, max_depth: int = MAX_JSON_DEPTH) -> None:
             for k, v in items:
                 sub = f"{path}.{k}" if isinstance(k, str) and path else k if isinstance(k, str) else f"{path}[{k}]"
                 if isinstance(k, str):
-                    stack.append((k, depth, path or "a key"))
+                    stack.append((k, depth, path))
                 stack.append((v, depth + 1, sub))
 
 

@@ -606,11 +606,18 @@ def test_a_killed_server_leaves_interrupted_rows_billed_to_the_last_commit(tmp_p
     with pytest.raises(RuntimeError, match="lock_for_server"):
         s.recover_interrupted()
     s.lock_for_server()                                  # the dead server's lock died with it
-    assert s.recover_interrupted() == 2 and s.recover_interrupted() == 0
-    rows = {r.request_id: r for r in s.usage()}
-    assert {rid: (r.status, r.prompt_tokens, r.completion_tokens) for rid, r in rows.items()} == {
-        "req-1": ("interrupted", 100, 40), "req-2": ("interrupted", 100, 0), "req-3": ("ok", 100, 9)}
-    assert s.tokens_used("key_000000000000", 0) == 349
+    # The last two calls before the kill may or may not reach the disk: the writer thread commits on
+    # its own as soon as rows queue up, and SIGKILL can land before or after that. Either outcome is
+    # what was committed, never more.
+    recovered = s.recover_interrupted()
+    assert recovered in (2, 3) and s.recover_interrupted() == 0
+    rows = {rid: (r.status, r.prompt_tokens, r.completion_tokens) for rid, r in
+            ((r.request_id, r) for r in s.usage())}
+    assert rows.pop("req-1") in (("interrupted", 100, 40), ("interrupted", 100, 55))
+    assert rows.pop("req-2") == ("interrupted", 100, 0) and rows.pop("req-3") == ("ok", 100, 9)
+    assert rows == ({"req-4": ("interrupted", 7, 0)} if recovered == 3 else {})
+    expected = 100 + 100 + 109 + (7 if recovered == 3 else 0)
+    assert s.tokens_used("key_000000000000", 0) - expected in (40, 55)
     s.close()
 
 

@@ -568,3 +568,32 @@ def test_rotating_a_key_keeps_its_quota_spent(server):
     with pytest.raises(openai.RateLimitError) as e:
         server.client(new).completions.create(**body)
     assert e.value.body["code"] == "insufficient_quota"
+
+
+def test_a_stream_sends_one_finish_when_events_queue_up(server):
+    """A stream that reads several queued events of one choice at once (a slow client, a busy loop) sends
+    the finish once, after the last: the finish travels with its event, not read off the choice (which is
+    already finished when the earlier events are read). This failed under load in a fresh-clone run."""
+    import types
+
+    from muse.server.serving import Serving
+
+    choice = types.SimpleNamespace(index=0, finish_reason="length")   # finished by the time the stream reads
+
+    async def collect():
+        events: asyncio.Queue = asyncio.Queue()
+        for item in ((choice, "a", [1], [], False), (choice, "b", [2], [], False), (choice, "c", [3], [], True), None):
+            events.put_nowait(item)
+        done = asyncio.Event()
+        done.set()
+        job = types.SimpleNamespace(choices=[choice], events=events, done=done, error=None, http_status=None,
+                                    cancel=lambda: None)
+        request = types.SimpleNamespace(state=types.SimpleNamespace(rl_headers={}))
+        resp = Serving(server.state).stream_response(
+            request, job, lambda c, d, n, lps, first: None if first else {"text": d},
+            lambda c: {"finish": c.finish_reason}, False, None)
+        return [chunk async for chunk in resp.body_iterator]
+
+    body = b"".join(asyncio.run(collect())).decode()
+    assert body.count('"finish"') == 1 and body.index('"finish"') > body.index('"text":"c"')
+    assert body.endswith("data: [DONE]\n\n")

@@ -69,7 +69,7 @@ class Job:
         self.num_prompt_tokens = num_prompt_tokens
         self.grant, self.reservation = grant, reservation
         self.arrived, self.arrived_wall = arrived, arrived_wall
-        self.events: asyncio.Queue = asyncio.Queue()    # (choice, delta_text, new_ids, logprobs) | Exception | None
+        self.events: asyncio.Queue = asyncio.Queue()    # (choice, delta_text, new_ids, logprobs, final) | Exception | None
         self.sequences = sequences                       # admission slots held
         self.ttft: float | None = None
         self.error: BaseException | None = None
@@ -231,10 +231,14 @@ class Job:
                 if c.text.stopped and not c.stopped_by_string:
                     c.stopped_by_string = True
                     self.model.client.abort(c.rid)   # its final output still comes through this stream
-                if out.finished or (c.stopped_by_string and o.finish_reason):
+                final = bool(out.finished or (c.stopped_by_string and o.finish_reason))
+                if final:
                     delta += c.text.finish()
                     c.finish_reason = "stop" if c.stopped_by_string else o.finish_reason
-                await self.events.put((c, delta, new, lps))
+                # `final` travels with the event: a stream that reads several queued events of this choice
+                # at once must send the finish once, after the last, not after each (c.finish_reason is
+                # already set when it reads the earlier ones)
+                await self.events.put((c, delta, new, lps, final))
         except (UsageError, ResourceError) as e:
             raise invalid(str(e), "prompt") from None
 

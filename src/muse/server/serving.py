@@ -338,10 +338,10 @@ class Serving:
                             out.append(sse(failure_error(item).body()))
                             over = True
                             break
-                        c, delta, new, lps = item
-                        if delta or lps or c.finish_reason:
+                        c, delta, new, lps, final = item
+                        if delta or lps or final:
                             out.append(sse(make_chunk(c, delta, new, lps, first=False)))
-                        if c.finish_reason:
+                        if final:
                             out.append(sse(finish_chunk(c)))
                     if out:
                         yield b"".join(out)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig, build_model
 from muse.posttrain.mixture import build_mixture, matching_data_dir, mixture_specs
 from muse.tokenizer import Tokenizer
-from muse.train.config import apply_overrides
+from muse.train.config import layer_overrides
 from muse.train.loop import LoopConfig, TrainLoop
 from muse.train.objective import LoopContext, MicroBatch, Objective, Plan
 from muse.train.optim import OptimConfig
@@ -79,25 +78,7 @@ class SFTConfig(LoopConfig):
 def load_sft_config(config_file: str | Path | None = None, flags: dict | None = None,
                     sets: list[str] | None = None) -> SFTConfig:
     """defaults <- TOML file <- flags (None = not given) <- `--set key=value`, as `muse train` resolves."""
-    cfg = SFTConfig()
-    if config_file:
-        try:
-            apply_overrides(cfg, tomllib.loads(Path(config_file).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {config_file} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
-    if flags:
-        apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
-    for item in sets or []:
-        key, eq, text = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            value = tomllib.loads(f"v = {text.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text.strip()
-        apply_overrides(cfg, {key.strip(): value})
+    cfg = layer_overrides(SFTConfig(), config_file, flags, sets)
     for name in ("batch_tokens", "micro_batches", "max_steps", "eval_rows", "log_every", "keep_last"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")

@@ -121,7 +121,15 @@ def apply_overrides(obj, overrides: dict[str, Any], prefix: str = "") -> None:
 def load_config(config_file: str | Path | None = None, flags: dict[str, Any] | None = None,
                 sets: list[str] | None = None) -> TrainConfig:
     """defaults <- TOML file <- flags (already-typed, None = not given) <- `--set key=value` strings."""
-    cfg = TrainConfig()
+    cfg = layer_overrides(TrainConfig(), config_file, flags, sets)
+    validate(cfg)
+    return cfg
+
+
+def layer_overrides(cfg, config_file: str | Path | None = None, flags: dict[str, Any] | None = None,
+                    sets: list[str] | None = None):
+    """Apply, in order, a TOML file, flags (already-typed, None = not given) and `--set key=value` strings
+    to any loop config (TrainConfig, SFTConfig, ...); returns it. Every stage resolves its flags this way."""
     if config_file:
         path = Path(config_file)
         try:
@@ -138,7 +146,6 @@ def load_config(config_file: str | Path | None = None, flags: dict[str, Any] | N
         if not eq or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
         apply_overrides(cfg, {key.strip(): _parse_literal(text.strip())})
-    validate(cfg)
     return cfg
 
 

@@ -59,22 +59,55 @@ def tiny_run(tiny_run_template, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A saved tiny llama (2 layers, width 64, GQA, max_seq_len 128) with a BPE tokenizer of 300 tokens:
-    the run directory `tiny` whose base stage holds it, for tests that load checkpoints by path (servers,
-    engine processes). Don't write into it."""
-    import torch
-
-    from muse.checkpoint import save_checkpoint
-    from muse.model import ModelConfig, build_model
+def tiny_tok():
+    """A BPE tokenizer of 300 tokens trained on made-up verse (the server, engine and eval tests' own)."""
     from muse.tokenizer import train_bpe
 
     rng = random.Random(0)
     words = "the king queen lord lady love night day sword crown heart fair speak hear come go".split()
-    tok = train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
-                                    max_seq_len=128, init_std=0.1))
-    root = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(root / "tiny" / "base", 1, model=model, tokenizer=tok)
-    return root / "tiny"
+    return train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def save_tiny_checkpoint(tmp_path_factory, tiny_tok):
+    """`save(name, **model_config)` -> a run directory `name` whose base stage holds a seeded tiny llama
+    (2 layers, width 64, GQA, max_seq_len 128 unless overridden) with `tiny_tok`. Don't write into it."""
+    def save(name: str, **overrides):
+        import torch
+
+        from muse.checkpoint import save_checkpoint
+        from muse.model import ModelConfig, build_model
+
+        torch.manual_seed(0)
+        cfg = {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "max_seq_len": 128, "init_std": 0.1,
+               **overrides}
+        model = build_model(ModelConfig(vocab_size=tiny_tok.vocab_size, **cfg))
+        root = tmp_path_factory.mktemp(name)
+        save_checkpoint(root / name / "base", 1, model=model, tokenizer=tiny_tok)
+        return root / name
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(save_tiny_checkpoint):
+    """A saved tiny llama (2 layers, width 64, GQA, max_seq_len 128) with a BPE tokenizer of 300 tokens:
+    the run directory `tiny` whose base stage holds it, for tests that load checkpoints by path (servers,
+    engine processes). Don't write into it."""
+    return save_tiny_checkpoint("tiny")
+
+
+@pytest.fixture
+def muse(capsys, tmp_path, monkeypatch):
+    """Run `muse ...` in-process against a fresh serving database: returns (exit code, stdout, stderr)."""
+    from muse.cli import main as cli_main
+
+    monkeypatch.setenv("MUSE_SERVE_DB", str(tmp_path / "serve.sqlite3"))
+
+    def run(*argv: str):
+        capsys.readouterr()
+        code = cli_main.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    run.db = tmp_path / "serve.sqlite3"
+    return run

@@ -9,27 +9,9 @@ import time
 
 import pytest
 
-from muse.cli import main as cli_main
 from muse.server.keys import check_format
 from muse.server.records import UsageRecord
 from muse.server.store import AuthError, Store
-
-
-@pytest.fixture
-def muse(monkeypatch, capsys, tmp_path):
-    """Run `muse ...` in-process against a fresh database: returns (exit code, stdout, stderr)."""
-    monkeypatch.setitem(cli_main.COMMANDS, "keys", ("muse.cli.keys", "manage API keys"))
-    monkeypatch.setitem(cli_main.COMMANDS, "usage", ("muse.cli.usage", "report usage"))
-    monkeypatch.setenv("MUSE_SERVE_DB", str(tmp_path / "serve.sqlite3"))
-
-    def run(*argv: str):
-        capsys.readouterr()
-        code = cli_main.main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    run.db = tmp_path / "serve.sqlite3"
-    return run
 
 
 def test_create_prints_the_key_once(muse):

@@ -12,24 +12,8 @@ import time
 
 import pytest
 
-from muse.cli import main as cli_main
 from muse.server.records import UsageRecord
 from muse.server.store import Store
-
-
-@pytest.fixture
-def muse(capsys, tmp_path, monkeypatch):
-    """Run `muse ...` in-process against a fresh database: returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("MUSE_SERVE_DB", str(tmp_path / "serve.sqlite3"))
-
-    def run(*argv: str):
-        capsys.readouterr()
-        code = cli_main.main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    run.db = tmp_path / "serve.sqlite3"
-    return run
 
 
 def _rows(db, models, *, raw=False, now=None):

@@ -24,14 +24,8 @@ CONCURRENCY = 4
 
 
 @pytest.fixture(scope="module")
-def tok():
-    import random
-
-    from muse.tokenizer import train_bpe
-
-    rng = random.Random(0)
-    words = "the king queen lord lady love night day sword crown heart fair speak hear come go".split()
-    return train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
+def tok(tiny_tok):
+    return tiny_tok
 
 
 @pytest.fixture(scope="module")

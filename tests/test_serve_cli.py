@@ -179,26 +179,10 @@ def test_shutdown_aborts_what_outlives_the_grace_period(checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def long_checkpoint(tmp_path_factory):
+def long_checkpoint(save_tiny_checkpoint):
     """A tiny llama with a 1,024-token context: a stream of ~1,000 tokens takes a few seconds on CPU, long
     enough to kill or drain a server in the middle of it."""
-    import random
-
-    import torch
-
-    from muse.checkpoint import save_checkpoint
-    from muse.model import ModelConfig, build_model
-    from muse.tokenizer import train_bpe
-
-    rng = random.Random(0)
-    words = "the king queen lord lady love night day sword crown heart fair speak hear come go".split()
-    tok = train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=4, d_model=128, n_head=4, n_kv_head=2,
-                                    max_seq_len=1024, init_std=0.1))
-    root = tmp_path_factory.mktemp("long")
-    save_checkpoint(root / "long" / "base", 1, model=model, tokenizer=tok)
-    return root / "long"
+    return save_tiny_checkpoint("long", n_layer=4, d_model=128, max_seq_len=1024)
 
 
 def _stream_until(url, auth, n_chunks, holder: list, max_tokens=1000):

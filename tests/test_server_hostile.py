@@ -16,17 +16,14 @@ import pytest
 
 from muse.server.app import ServedModel, ServerConfig
 from muse.server.store import Store
-from muse.tokenizer import train_bpe
 from server_kit import ADMIN, Server, engine_for, tiny_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    rng = random.Random(0)
-    words = "the king queen lord lady love night day sword crown heart fair speak hear come go".split()
-    return train_bpe([" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)], vocab_size=300)
+def tok(tiny_tok):
+    return tiny_tok
 
 
 @pytest.fixture(scope="module")

@@ -123,14 +123,11 @@ class CompletionGeneration(Generation):
 
     async def prepare(self, body: CompletionRequest, served: ServedModel) -> Prepared:
         raw = body.prompts()
-        if len(raw) * body.n > self.config.max_n:  # before tokenizing: refusing it costs nothing
-            what = f"n is {body.n}" if len(raw) == 1 else f"{len(raw)} prompts x n={body.n} is {len(raw) * body.n}"
-            raise invalid(f"{what}; this server generates at most {self.config.max_n} sequences per request.", "n")
+        self.check_sequences(body.n, len(raw))  # before tokenizing: refusing it costs nothing
         prompts, texts = await self.off_loop(_encode_completion_prompts, served, raw)
         lp = body.logprobs
         params = self.sampling(body, served, max(len(p) for p in prompts), default_max=16, logprobs=lp,
-                               prompt_logprobs=lp if body.echo and lp is not None else None,
-                               num_prompts=len(prompts))
+                               prompt_logprobs=lp if body.echo and lp is not None else None)
         prep = Prepared(prompts, params, texts)
         if params.prompt_logprobs is not None and len(prompts) > 1 and not body.stream:
             prep.prompt_params, prep.shared = share_prompt_logprobs(prompts, params)
@@ -227,6 +224,7 @@ class ChatGeneration(Generation):
     object_name, chunk_object = "chat.completion", "chat.completion.chunk"
 
     async def prepare(self, body: ChatRequest, served: ServedModel) -> Prepared:
+        self.check_sequences(body.n, 1)
         messages = body.plain_messages()
         try:
             prompt = await self.off_loop(render_prompt, served.tokenizer, messages)

@@ -214,8 +214,14 @@ class Serving:
         """CPU work on a request's own data (tokenizing) in a worker thread: the event loop keeps serving."""
         return await asyncio.to_thread(fn, *args)
 
+    def check_sequences(self, n: int, num_prompts: int) -> None:
+        """400 when a request asks for more sequences (prompts x n) than --max-n."""
+        if n * num_prompts > self.config.max_n:
+            what = f"n is {n}" if num_prompts == 1 else f"{num_prompts} prompts x n={n} is {num_prompts * n}"
+            raise invalid(f"{what}; this server generates at most {self.config.max_n} sequences per request.", "n")
+
     def sampling(self, body, served: ServedModel, prompt_len: int, *, default_max: int | None,
-                 logprobs: int | None, prompt_logprobs: int | None, num_prompts: int = 1,
+                 logprobs: int | None, prompt_logprobs: int | None,
                  extra_stop_ids: Sequence[int] = ()) -> SamplingParams:
         config = self.config
         room = served.max_model_len - prompt_len
@@ -233,9 +239,6 @@ class Serving:
                           f"{max(max_tokens, 1)} in the completion). Please reduce the length of the prompt "
                           "or the completion.", "messages" if isinstance(body, ChatRequest) else "prompt",
                           "context_length_exceeded")
-        if body.n * num_prompts > config.max_n:
-            what = f"n is {body.n}" if num_prompts == 1 else f"{num_prompts} prompts x n={body.n} is {num_prompts * body.n}"
-            raise invalid(f"{what}; this server generates at most {config.max_n} sequences per request.", "n")
         for v in (logprobs, prompt_logprobs):
             if v is not None and v > config.max_logprobs:
                 raise invalid(f"logprobs is {v}; this server allows at most {config.max_logprobs}.", "logprobs")

@@ -166,10 +166,11 @@ class StreamTable:
         self.deliver([(rid, err) for rid in rids])
 
 
-async def stream_outputs(q: asyncio.Queue, on_exit: Callable[[bool], None]) -> AsyncIterator[RequestOutput]:
-    """A request's RequestOutputs as they arrive on `q`; an exception put on `q` ends the stream with
-    it. However the stream ends, `on_exit(finished)` runs: finished is False when the consumer left
-    before the last output (break, cancellation), and the client then aborts the request."""
+async def stream_outputs(streams: StreamTable, rid: str, q: asyncio.Queue,
+                         abort: Callable[[str], None]) -> AsyncIterator[RequestOutput]:
+    """Request `rid`'s RequestOutputs as they arrive on its queue `q`; an exception put on `q` ends the
+    stream with it. However the stream ends, it leaves `streams`; a consumer that left before the last
+    output (break, cancellation) aborts the request (`abort(rid)`), so its blocks are freed."""
     finished = False
     try:
         while True:
@@ -182,7 +183,9 @@ async def stream_outputs(q: asyncio.Queue, on_exit: Callable[[bool], None]) -> A
             if finished:
                 return
     finally:
-        on_exit(finished)
+        streams.close(rid)
+        if not finished:
+            abort(rid)
 
 
 # ---- the engine in a thread -----------------------------------------------------------------------------
@@ -260,12 +263,7 @@ class ThreadEngineClient:
             self._streams.close(rid)
             raise refuse(self._refusal() or EngineDeadError("the engine client was shut down"))
 
-        def on_exit(finished: bool) -> None:
-            self._streams.close(rid)
-            if not finished:
-                self.abort(rid)
-
-        async with contextlib.aclosing(stream_outputs(q, on_exit)) as outs:
+        async with contextlib.aclosing(stream_outputs(self._streams, rid, q, self.abort)) as outs:
             async for out in outs:
                 yield out
 

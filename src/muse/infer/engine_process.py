@@ -353,12 +353,7 @@ class EngineProcessClient:
             self._fail(rid, EngineRestartingError("the engine process died; send the request again in a "
                                                   "few seconds"))
 
-        def on_exit(finished: bool) -> None:
-            self._streams.close(rid)
-            if not finished:
-                self.abort(rid)
-
-        async with contextlib.aclosing(stream_outputs(q, on_exit)) as outs:
+        async with contextlib.aclosing(stream_outputs(self._streams, rid, q, self.abort)) as outs:
             async for out in outs:
                 yield out
 

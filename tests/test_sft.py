@@ -248,6 +248,8 @@ def test_sft_writes_metrics_per_source_and_a_chat_checkpoint(sft_run, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 5 and out["checkpoint"].endswith("sft/step_000005")
     assert 0 < out["loss_tokens_per_s"] < out["tokens_per_s"]
+    rows = [r for r in read_metrics(run / "sft" / "metrics.jsonl") if "loss" in r]
+    assert rows and all(0 < r["loss_tokens_per_s"] <= r["tokens_per_s"] for r in rows)  # per log step too
     for key in ("val_loss", "val_loss_chats", "val_loss_text", "val_bpb"):
         assert key in out, key
     from muse.checkpoint import latest_stage

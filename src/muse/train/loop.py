@@ -246,6 +246,7 @@ class TrainLoop:
             self.optimizer.set_muon_momentum(muon_momentum(step, end=self.optim_cfg.momentum))
         batches = [self.objective.next_batch() for _ in range(self.plan.grad_accum)]
         units, self.step_tokens = self._global_counts(batches)
+        self.step_units = units
         # DDP and FSDP average gradients over the dp ranks: dp_size undoes that, so each loss term weighs
         # 1/units. No loss term at all (every target masked) makes a zero gradient, not a division by 0.
         scale = self.dp_size / max(units, 1)
@@ -353,7 +354,8 @@ class TrainLoop:
         evals: dict[str, float] = {}
         ckpt = None
         t_start = time.perf_counter()
-        t_window, tok_window, steps_window = t_start, 0, 0
+        t_window, tok_window, steps_window, units_window = t_start, 0, 0, 0
+        units_name = f"{self.objective.unit_name}_per_s"
         train_time, train_tokens = 0.0, 0  # time spent in training steps only (no eval, no saves)
         tps = flops_s = 0.0
         mfu = None
@@ -371,6 +373,7 @@ class TrainLoop:
                 self.step = step
                 tokens += self.step_tokens
                 tok_window += self.step_tokens
+                units_window += self.step_units
                 steps_window += 1
                 last = step == total_steps
                 out_of_time = cfg.max_time_s and (time.perf_counter() - t_start) >= cfg.max_time_s
@@ -386,15 +389,19 @@ class TrainLoop:
                         )
                     now = time.perf_counter()
                     tps = tok_window / max(now - t_window, 1e-9)
+                    ups = units_window / max(now - t_window, 1e-9)
                     eta = (total_steps - step) * (now - t_window) / max(steps_window, 1)
                     train_time += now - t_window
                     train_tokens += tok_window
-                    t_window, tok_window, steps_window = now, 0, 0
+                    t_window, tok_window, steps_window, units_window = now, 0, 0, 0
                     flops_s = tps * self.flops_per_token
                     mfu = flops_s / (self.info.peak_flops * self.world) if self.info.peak_flops else None
                     lr = self.optimizer.param_groups[0]["lr"]
+                    extra = self.objective.step_metrics()
                     metrics.log(step, loss=last_loss, lr=lr, tokens=tokens, tokens_per_s=round(tps, 1),
-                                **({"mfu": round(mfu, 4)} if mfu is not None else {"flops_per_s": round(flops_s)}))
+                                **{units_name: round(ups, 1)},
+                                **({"mfu": round(mfu, 4)} if mfu is not None else {"flops_per_s": round(flops_s)}),
+                                **extra)
                     line = f"loss {last_loss:.4f} | {format_count(tps)} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "")
                     bar.set_postfix_str(line, refresh=False)
                     if bar.disable:
@@ -405,7 +412,7 @@ class TrainLoop:
                     if evals:
                         log.info("step %d | %s", step, " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in evals.items()))
                     metrics.plot(title=f"{self.objective.stage}: {self.model_cfg.arch}, {format_count(self.n_params)} params")
-                    t_window, tok_window, steps_window = time.perf_counter(), 0, 0  # throughput excludes evaluation
+                    t_window, tok_window, steps_window, units_window = time.perf_counter(), 0, 0, 0  # throughput excludes evaluation
                 bar.update(1)
                 if (cfg.save_every and step % cfg.save_every == 0) or last or out_of_time:
                     if step_loss is None:
@@ -418,7 +425,7 @@ class TrainLoop:
                     train_tokens += tok_window
                     elapsed = elapsed_before + now - t_start
                     ckpt = self._save(step, tokens, elapsed, self.train_time_before + train_time, evals)
-                    t_window, tok_window, steps_window = time.perf_counter(), 0, 0  # ... and checkpointing
+                    t_window, tok_window, steps_window, units_window = time.perf_counter(), 0, 0, 0  # ... and checkpointing
                 if out_of_time:
                     log.info("max_time_s reached at step %d; saved %s", step, ckpt)
                     break

@@ -93,7 +93,7 @@ class Objective(abc.ABC):
     The loop calls, in order: `model_config()` and `plan(dp_size)` (cheap; also before starting
     processes, to fail fast), `setup(ctx, resuming=...)` once, then `load_state_dict` when resuming,
     then per step `next_batch()` x grad_accum and `loss(model, batch)` for each, `evaluate(model)` at
-    its cadence and `state_dict()` at every save. `loss` runs under the compute autocast; `evaluate`
+    its cadence, `step_metrics()` at every log step and `state_dict()` at every save. `loss` runs under the compute autocast; `evaluate`
     under it too, in eval mode, without gradients.
     """
 
@@ -101,6 +101,7 @@ class Objective(abc.ABC):
     seq_len: int  # the longest sequence a micro-batch holds (parallelism checks, FLOP count)
     tokenizer: Any  # the muse.tokenizer.Tokenizer saved with every checkpoint
     init_from: Path | None = None  # the checkpoint the first weights come from (meta.json records it)
+    unit_name: str = "loss_tokens"  # what a loss unit is: metrics.jsonl logs <unit_name>_per_s (DPO: "pairs")
 
     @abc.abstractmethod
     def model_config(self) -> ModelConfig:
@@ -130,6 +131,12 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Named validation numbers (e.g. val_loss), the same on every rank (sum over ranks first)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Numbers of the steps since the last call, logged with the train row at every log step (e.g.
+        GRPO's reward mean and rollout time). Called on every rank, so it may reduce over ranks; only
+        rank 0's numbers are written."""
+        return {}
 
     def state_dict(self) -> dict:
         """What exact resume needs beyond weights, optimizer, step and global RNGs (e.g. a data position).

@@ -2,7 +2,8 @@
 
     <stage_dir>/step_000500/
         model.safetensors   weights (CPU, contiguous); tied weights stored once, aliases in its metadata
-        config.json         {"format_version": 1, "model": ModelConfig.to_dict()}
+        config.json         {"format_version": 1, "model": ModelConfig.to_dict()}, and "head" when the trunk
+                            carries another head than the LM's (a reward model: {"kind": "reward", ...})
         tokenizer.json      the tokenizer the model was trained with
         train_state.pt      optional: optimizer, schedule, loader and RNG states (loads with weights_only=True)
         meta.json           step, stage, muse version, dtype, saved_at, and what the trainer adds (tokens, init_from)
@@ -61,6 +62,9 @@ TRAIN_STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 # safetensors metadata key holding {alias_name: stored_name} for tensors that share storage (tied weights).
 TIED_KEY = "muse.tied"
+# config.json key for a non-LM head. A model_config with a `head` dict attribute (muse.posttrain.rm's
+# RewardModelConfig) saves it there; `load` refuses such a checkpoint, which is not a language model.
+HEAD_KEY = "head"
 # Prefixes that wrappers add to parameter names; a checkpoint stores the plain module's names.
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")
 
@@ -331,6 +335,9 @@ def save_checkpoint(
     if model_config is None:
         raise TypeError("pass model_config= (the model has no .config)")
     config = _config_dict(model_config)
+    head = getattr(model_config, HEAD_KEY, None)
+    if head is not None and not (isinstance(head, dict) and isinstance(head.get("kind"), str)):
+        raise TypeError(f"model_config.head must be a dict with a 'kind', not {head!r}")
     tokenizer = _tokenizer_for(tokenizer, config)
     if train_state is not None:
         _check_weights_only_safe(train_state)
@@ -359,7 +366,8 @@ def save_checkpoint(
         if tensors:
             _write_weights(tensors, aliases, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "model": config}, indent=2) + "\n", encoding="utf-8"
+            json.dumps({"format_version": FORMAT_VERSION, "model": config, **({HEAD_KEY: head} if head else {})},
+                       indent=2) + "\n", encoding="utf-8"
         )
         tokenizer.save(tmp / TOKENIZER_FILE)
         if train_state is not None:
@@ -433,6 +441,16 @@ def load_train_state(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> dic
 
 def read_config(ckpt_dir: str | os.PathLike) -> dict:
     """The model config dict of a checkpoint (config.json's "model"), refusing formats this muse cannot read."""
+    return _read_config_file(ckpt_dir)["model"]
+
+
+def read_head(ckpt_dir: str | os.PathLike) -> dict | None:
+    """config.json's "head" ({"kind": "reward", ...}), or None for a language model."""
+    head = _read_config_file(ckpt_dir).get(HEAD_KEY)
+    return head if isinstance(head, dict) else None
+
+
+def _read_config_file(ckpt_dir: str | os.PathLike) -> dict:
     ckpt_dir = Path(ckpt_dir)
     try:
         with open(ckpt_dir / CONFIG_FILE, encoding="utf-8") as f:
@@ -450,7 +468,7 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
             f"{ckpt_dir} was written by a newer muse (checkpoint format {version}; this muse reads "
             f"{FORMAT_VERSION}); upgrade muse"
         )
-    return config["model"]
+    return config
 
 
 def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, stages=None):
@@ -463,6 +481,10 @@ def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = N
     # Both verify every file's hash.
     ckpt = resolve_stage(path) if stages is None else resolve_checkpoint(path, tuple(stages))
     config_dict = read_config(ckpt)
+    head = read_head(ckpt)
+    if head is not None:
+        raise CheckpointError(f"{ckpt} holds a {head.get('kind', 'non-language')} model (config.json \"head\"), not a language model; "
+                              "pass a checkpoint of a generative stage (base, sft, dpo, grpo)")
     try:
         cfg = ModelConfig.from_dict(config_dict)
     except ConfigError as e:

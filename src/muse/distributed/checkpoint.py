@@ -34,6 +34,7 @@ from torch import nn
 from muse.checkpoint import (
     load_train_state,
     read_config,
+    read_head,
     resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -176,6 +177,9 @@ def consolidate(ckpt_dir) -> Path:
         raise CheckpointError(f"{ckpt} has neither {MODEL_FILE} nor sharded weights; it cannot be consolidated")
     if is_initialized():
         raise RuntimeError("consolidate() runs in a single process without a process group")
+    if read_head(ckpt) is not None:  # a reward model: the trunk with another head than build_model's
+        raise CheckpointError(f"{ckpt} holds a {read_head(ckpt)['kind']} model saved as shards only; it cannot be "
+                              "consolidated here - save it with full weights (full_weights = true, the default)")
     cfg = ModelConfig.from_dict(read_config(ckpt))
     model = build_model(cfg)
     state = {"model": model.state_dict()}

@@ -1,0 +1,182 @@
+"""Direct preference optimisation, and two variants, on the one training loop (muse.train.loop).
+
+    cfg = load_dpo_config(None, {"data": ("prefs.jsonl",), "max_steps": 200})
+    result = dpo_loop(cfg, "runs/x").train()     # runs/x/dpo/step_*, from runs/x's sft (else base)
+
+The policy starts from `init_from` (RUN's sft checkpoint, else its base); the frozen reference is `ref`
+(default: the same checkpoint). For a pair (x, y_c, y_r), with log-probabilities summed over each reply's
+tokens and its <|end|> (the preference rows' loss mask, muse.posttrain.preference):
+
+    dpo    (Rafailov et al. 2023)  r = beta * (log pi(y|x) - log ref(y|x));  loss = -log sigmoid(r_c - r_r)
+    ipo    (Azar et al. 2023)      h = r_c/beta - r_r/beta;                   loss = (h - 1 / (2 beta))^2
+    simpo  (Meng et al. 2024)      r = beta * log pi(y|x) / |y|, no reference; loss = -log sigmoid(r_c - r_r - gamma)
+
+`r` is each loss's implicit reward, logged as chosen_reward / rejected_reward / margin / accuracy (the
+share of pairs with r_c > r_r) with every train row (step_metrics) and as val_* on the held-out pairs.
+beta 0 means the loss's usual value: 0.1 for dpo and ipo, 2.0 for simpo (whose gamma defaults to 1.0,
+the paper's gamma / beta = 0.5). With the policy equal to the reference, dpo's loss is log 2.
+
+Why SimPO as the variant: it needs no reference model, so a step runs one forward fewer and holds one
+model fewer (pairs/s and memory in docs/posttrain.md), and it normalises by length, so a reward cannot
+grow just because a reply is long; measured on a toy preference set in docs/posttrain.md. IPO is kept
+for its bounded loss (it does not push margins to infinity on separable data).
+
+Reference log-probabilities are computed on the fly, under no_grad, in the same micro-batch as the policy's
+(one more forward of the same padded rows): nothing to precompute or store, exact resume for free, and a
+`--ref` of another shape costs nothing extra to support. flops_per_token counts that forward (1/3 of a
+training step's FLOPs per token for a reference of the policy's shape).
+
+What it does not know: resume, checkpoints, parallelism, optimizers (the loop's); the data (preference.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muse.checkpoint import load_model_state, read_config, resolve_checkpoint
+from muse.common.errors import ConfigError
+from muse.common.logging import get_logger
+from muse.model import ModelConfig, build_model, flops_per_token
+from muse.posttrain.preference import PairConfig, PairObjective, PairRow, check_pair_config, lm_batch
+from muse.tokenizer import Tokenizer
+from muse.train.config import layer_overrides
+from muse.train.loop import TrainLoop
+from muse.train.objective import LoopContext, MicroBatch
+from muse.train.optim import OptimConfig
+
+log = get_logger("muse.posttrain")
+
+LOSSES = ("dpo", "ipo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
+
+
+def preference_loss(kind: str, beta: float, policy_c: torch.Tensor, policy_r: torch.Tensor,
+                    ref_c: torch.Tensor | None = None, ref_r: torch.Tensor | None = None,
+                    len_c: torch.Tensor | None = None, len_r: torch.Tensor | None = None,
+                    gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen rewards, rejected rewards) from summed reply log-probs (n,) each (module
+    docstring). ref_* for dpo and ipo; len_* (reply tokens, <|end|> included) for simpo."""
+    if kind == "simpo":
+        chosen, rejected = beta * policy_c / len_c, beta * policy_r / len_r
+        return -F.logsigmoid(chosen - rejected - gamma), chosen, rejected
+    chosen, rejected = beta * (policy_c - ref_c), beta * (policy_r - ref_r)
+    if kind == "dpo":
+        return -F.logsigmoid(chosen - rejected), chosen, rejected
+    if kind == "ipo":
+        h = (chosen - rejected) / beta
+        return (h - 1 / (2 * beta)) ** 2, chosen, rejected
+    raise ConfigError(f"unknown preference loss {kind!r}; use one of {', '.join(LOSSES)}")
+
+
+def reply_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each row's targets (B,), number of targets (B,)); y is -1 where nothing counts."""
+    ce = model(x, y, reduction="none")  # (B, T), 0 where y == -1
+    return -ce.sum(1), (y != -1).sum(1)
+
+
+def _dpo_optim() -> OptimConfig:
+    # A fifth of SFT's rates (muse.posttrain.sft): DPO moves a model that is already good, and its loss
+    # rewards pushing rejected log-probs down without bound, which high rates do quickly.
+    return OptimConfig(matrix_lr=0.002, embedding_lr=0.02, head_lr=0.0004, scalar_lr=0.004)
+
+
+@dataclass
+class DPOConfig(PairConfig):
+    """DPO's settings: the loop's, the pair objectives' (PairConfig) and these."""
+
+    optim: Any = field(default_factory=_dpo_optim)
+    ref: str = ""  # the frozen reference checkpoint; "" = init_from (dpo, ipo; simpo has none)
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: float = 0.0  # 0 = the loss's usual value (DEFAULT_BETA)
+    gamma: float = 1.0  # simpo's target reward margin
+
+
+def load_dpo_config(config_file: str | Path | None = None, flags: dict | None = None,
+                    sets: list[str] | None = None) -> DPOConfig:
+    """defaults <- TOML file <- flags (None = not given) <- `--set key=value`, as every stage resolves."""
+    cfg = check_pair_config(layer_overrides(DPOConfig(), config_file, flags, sets))
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.beta < 0:
+        raise ConfigError(f"beta must be > 0 (or 0 for the loss's default), got {cfg.beta}")
+    cfg.beta = cfg.beta or DEFAULT_BETA[cfg.loss]
+    return cfg
+
+
+class DPO(PairObjective):
+    stage = "dpo"
+
+    def __init__(self, cfg: DPOConfig, run_dir: str | Path):
+        super().__init__(cfg, run_dir)
+        self.ref_from: Path | None = None
+        if cfg.loss != "simpo":
+            self.ref_from = resolve_checkpoint(cfg.ref, stages=("sft", "base")) if cfg.ref else self.init_from
+            if Tokenizer.from_file(self.ref_from / "tokenizer.json").to_str() != self.tokenizer.to_str():
+                raise ConfigError(f"the reference {self.ref_from} has another tokenizer than the policy "
+                                  f"{self.init_from}; pick a reference of the same model family (--ref)")
+            self._ref_cfg = ModelConfig.from_dict(read_config(self.ref_from))
+            if self._ref_cfg.max_seq_len < self.seq_len:
+                raise ConfigError(f"the reference's context ({self._ref_cfg.max_seq_len}) is shorter than seq_len "
+                                  f"{self.seq_len}; lower --seq-len")
+        elif cfg.ref:
+            raise ConfigError("loss simpo has no reference model; drop --ref")
+        self.ref: nn.Module | None = None
+
+    def setup(self, ctx: LoopContext, *, resuming: bool) -> nn.Module:
+        model = build_model(self._model_cfg, device=ctx.device)
+        if not resuming:
+            model.load_state_dict(load_model_state(self.init_from, verify=False))  # verified in __init__
+            log.info("initialised the policy from %s", self.init_from)
+        if self.ref_from is not None:
+            ref = build_model(self._ref_cfg, device=ctx.device)
+            ref.load_state_dict(load_model_state(self.ref_from, verify=False))
+            ref.requires_grad_(False)
+            # Sharded like the policy under FSDP (each rank holds a slice); otherwise a plain replica: DDP
+            # refuses a module without trainable parameters, and it would only replicate it anyway.
+            if ctx.mesh is not None and ctx.parallel.mode == "fsdp":
+                ref = ctx.parallelize(ref)
+            self.ref = ref.eval()
+            log.info("reference: %s (frozen)", self.ref_from)
+        self.ctx = ctx
+        return model
+
+    def next_batch(self) -> MicroBatch:
+        x, y, n, tokens = lm_batch(self._rows(), self.ctx.device)
+        return MicroBatch(inputs=(x, y), loss_units=n, tokens=tokens)
+
+    def _pair_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        logp, counts = reply_logps(model, x, y)
+        n = len(logp) // 2
+        ref_c = ref_r = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp, _ = reply_logps(self.ref, x, y)
+            ref_c, ref_r = ref_logp[:n], ref_logp[n:]
+        return preference_loss(self.cfg.loss, self.cfg.beta, logp[:n], logp[n:], ref_c, ref_r,
+                               counts[:n], counts[n:], gamma=self.cfg.gamma)
+
+    def loss(self, model: nn.Module, batch: MicroBatch) -> torch.Tensor:
+        losses, chosen, rejected = self._pair_losses(model, *batch.inputs)
+        self._record(chosen, rejected)
+        return losses.sum()
+
+    def _eval_batch(self, model: nn.Module, rows: list[PairRow]):
+        x, y, _, _ = lm_batch(rows, self.ctx.device)
+        losses, chosen, rejected = self._pair_losses(model, x, y)
+        return losses.sum(), chosen, rejected
+
+    def flops_per_token(self) -> float:
+        policy = flops_per_token(self._model_cfg, self.seq_len)
+        # The reference's forward: a third of its training FLOPs (forward 1, backward 2).
+        return policy + (flops_per_token(self._ref_cfg, self.seq_len) / 3 if self.ref_from is not None else 0.0)
+
+
+def dpo_loop(cfg: DPOConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False) -> TrainLoop:
+    """The loop `muse dpo` runs: DPO (or IPO, SimPO) from `cfg.init_from` (or RUN/sft, else RUN/base) into RUN/dpo/."""
+    return TrainLoop(DPO(cfg, run_dir), cfg, run_dir, resume=resume, force=force)

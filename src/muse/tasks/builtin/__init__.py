@@ -4,6 +4,7 @@
     spelling, letter_count, word_sort                                             (words.py)
     quote_completion, which_play                                                  (plays.py)
     identity                                                                      (identity.py)
+    compliance                                                                    (compliance.py)
     val_bpb                                                                       (the run's val split)
 
 Every generator is deterministic: the same options give the same samples, in the same order, on any
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from functools import partial
 
 from muse.tasks.builtin.arithmetic import arithmetic_task
+from muse.tasks.builtin.compliance import compliance_task
 from muse.tasks.builtin.identity import identity_task
 from muse.tasks.builtin.plays import quote_completion_task, which_play_task
 from muse.tasks.builtin.words import letter_count_task, spelling_task, word_sort_task
@@ -39,6 +41,7 @@ BUILTIN: dict[str, Callable[..., Task]] = {
     "quote_completion": quote_completion_task,
     "which_play": which_play_task,
     "identity": identity_task,
+    "compliance": compliance_task,
     "val_bpb": val_bpb_task,
 }
 

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.muse-installed
 
-.PHONY: install test speedrun lint clean
+.PHONY: install test speedrun lint clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+
+# docs/img/web-*.png: every web page at desktop and phone widths (system Chromium; docs/web.md)
+screenshots: $(STAMP)
+	$(BIN)/python bench/web_screenshots.py --out docs/img
 
 speedrun: $(STAMP)
 	$(BIN)/muse speedrun --out runs/speedrun

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences queued for admission beyond --max-running; more get 503")
     p.add_argument("--docs", action="store_true",
                    help="serve /docs and /openapi.json without the admin key (default: /openapi.json needs it)")
+    p.add_argument("--no-ui", dest="ui", action="store_false",
+                   help="leave out the web pages at /ui/ (playground, usage, operator; docs/web.md)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get at shutdown")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -140,7 +142,7 @@ def run(args) -> int:
     config = ServerConfig(admin_key=admin_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                           max_n=args.max_n, max_logprobs=args.max_logprobs, max_running=args.max_running,
                           max_waiting=args.max_waiting, shutdown_grace_s=args.grace, docs=args.docs)
-    app = create_app(served, store, config)
+    app = create_app(served, store, config, ui=args.ui, run_dirs=dict(pairs))
     state = app.state.muse
 
     class DrainingServer(uvicorn.Server):
@@ -171,8 +173,8 @@ def run(args) -> int:
     # uvicorn's own deadline only covers writing out responses after the drain has accounted every job
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=10, access_log=False))
-    log.info("serving %s on http://%s:%d (keys and ledger: %s)", ", ".join(n for n, _ in pairs), args.host,
-             args.port, db)
+    log.info("serving %s on http://%s:%d (keys and ledger: %s)%s", ", ".join(n for n, _ in pairs), args.host,
+             args.port, db, f"; web pages at http://{args.host}:{args.port}/ui/" if args.ui else "")
     try:
         server.run()
     finally:

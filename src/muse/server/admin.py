@@ -1,5 +1,6 @@
 """The operator's routes: /health (open), /metrics and /admin/* (admin key), /openapi.json and /docs
-(admin key, or open with `--docs`).
+(admin key, or open with `--docs`). Key management and /admin/engine are in accounts.py, which also
+holds the admin check (operator credentials are hashes in the store).
 
 Query parameters are read after the admin check, by hand: FastAPI's binding would answer a bad
 `since` with its own 422 shape before anyone is authenticated.
@@ -14,10 +15,11 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 
 from muse.common.errors import UsageError
+from muse.server.accounts import require_admin
 from muse.server.metrics import CONTENT_TYPE
 from muse.server.protocol import ApiError, invalid
 from muse.server.records import parse_utc
-from muse.server.serving import SafeJSONResponse, Serving
+from muse.server.serving import SafeJSONResponse
 from muse.server.state import AppState
 
 FLUSH_TIMEOUT_S = 5.0   # /admin/usage waits this long for queued ledger rows (they are counted anyway)
@@ -46,7 +48,6 @@ def _flag(text: str | None, name: str) -> bool:
 
 
 def admin_router(state: AppState, app: FastAPI) -> APIRouter:
-    serving = Serving(state)
     r = APIRouter()
 
     @r.get("/health")
@@ -58,19 +59,19 @@ def admin_router(state: AppState, app: FastAPI) -> APIRouter:
 
     @r.get("/metrics")
     async def metrics(request: Request):
-        serving.require_admin(request)
+        require_admin(state, request)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @r.get("/admin/keys")
     async def admin_keys(request: Request):
-        serving.require_admin(request)
+        require_admin(state, request)
         include = _flag(request.query_params.get("all"), "all")
         keys = await asyncio.to_thread(state.store.list_keys, include_revoked=include)
         return SafeJSONResponse({"object": "list", "data": [k.as_dict() for k in keys]})
 
     @r.get("/admin/usage")
     async def admin_usage(request: Request):
-        serving.require_admin(request)
+        require_admin(state, request)
         partner = request.query_params.get("partner")
         since = _since(request.query_params.get("since"))
         # Queued rows are counted by usage_summary whether or not they are on disk yet; the flush only
@@ -81,7 +82,7 @@ def admin_router(state: AppState, app: FastAPI) -> APIRouter:
 
     def open_docs(request: Request) -> None:
         if not state.config.docs:
-            serving.require_admin(request)
+            require_admin(state, request)
 
     @r.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request):

@@ -6,7 +6,8 @@ middleware together over one `AppState`.
 
 Where things live: state.py (config, served models, shared state), serving.py (the request pipeline:
 auth, bodies, limits, admission, responses), generation.py (completions and chat over one skeleton),
-jobs.py (one generation request to its ledger row), routes.py and admin.py (thin routes).
+jobs.py (one generation request to its ledger row), routes.py, admin.py and accounts.py (thin routes),
+ui.py (the web pages at /ui/).
 
 Error contract: every failure is `{"error": {"message", "type", "param", "code"}}` with OpenAI's
 status codes (docs/serving.md); nothing a client sends produces a 500 or a 422, no message echoes any
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from muse.common.logging import get_logger
+from muse.server.accounts import accounts_router
 from muse.server.admin import admin_router
 from muse.server.limits import QuotaManager, RateLimiter
 from muse.server.metrics import ServerMetrics
@@ -33,6 +35,7 @@ from muse.server.routes import openai_router
 from muse.server.serving import error_response, new_request_hex
 from muse.server.state import AppState, ServedModel, ServerConfig
 from muse.server.store import Store
+from muse.server.ui import ui_router
 
 log = get_logger("muse.server")
 
@@ -70,9 +73,13 @@ class RequestContext:
 
 
 def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig | None = None, *,
-               limiter: RateLimiter | None = None, quotas: QuotaManager | None = None) -> FastAPI:
+               limiter: RateLimiter | None = None, quotas: QuotaManager | None = None, ui: bool = True,
+               run_dirs: dict[str, str] | None = None) -> FastAPI:
+    """`ui=False` (`muse serve --no-ui`) leaves out the web pages at /ui/ (ui.py); `run_dirs` (model name ->
+    the directory it was served from) feeds the operator's run dashboard (GET /admin/runs)."""
     config = config or ServerConfig()
     state = AppState(models, store, config, limiter, quotas)
+    store.set_bootstrap_admin(config.admin_key)  # operator credentials are hashes in the store (accounts.py)
 
     async def lifespan(app):
         state.loop = asyncio.get_running_loop()
@@ -114,6 +121,9 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
 
     app.include_router(openai_router(state))
     app.include_router(admin_router(state, app))
+    app.include_router(accounts_router(state, run_dirs))
+    if ui:
+        app.include_router(ui_router())
     return app
 
 

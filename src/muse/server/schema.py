@@ -13,6 +13,8 @@ History
   "interrupted" (crash-safe accounting, ledger.py), with a partial index on the running rows that
   start-up recovery reads. An older Muse would fail on those statuses, which is why it must refuse a
   version-2 file (it does: it reads the version first).
+- 3: admin_keys, the operator credentials (sha256 hashes, like api_keys): the row "admin_bootstrap"
+  mirrors the server's admin key (MUSE_ADMIN_KEY / --admin-key-file) at every start.
 Stdlib only.
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -89,7 +91,18 @@ def _to_v2(c: sqlite3.Connection) -> None:
     c.execute("CREATE INDEX ledger_running ON ledger (request_id) WHERE status = 'running'")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2}
+def _to_v3(c: sqlite3.Connection) -> None:
+    c.execute("""CREATE TABLE admin_keys (
+        admin_id   TEXT PRIMARY KEY,
+        key_hash   TEXT NOT NULL,          -- sha256 hex of the credential (the text is never stored)
+        label      TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    )""")
+    c.execute("CREATE UNIQUE INDEX admin_keys_hash ON admin_keys (key_hash)")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 

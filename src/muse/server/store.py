@@ -31,6 +31,8 @@ SQLite settings, and why:
   cost to one fsync per batch, not per request (or per token: progress notes are coalesced).
 - The file is created with mode 0600 (SQLite gives the -wal/-shm files the same mode): hashes are not
   keys, but the ledger is partner data.
+- Operator credentials (admin_keys) are stored like keys, as hashes; the server writes its admin key
+  there at start (`set_bootstrap_admin`) and admin routes check `is_admin`.
 - A `schema_version` table: an older file is upgraded in place in one transaction (schema.py); a newer
   file opened by an older Muse is refused instead of misread.
 
@@ -62,6 +64,8 @@ log = get_logger("muse.server.store")
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 FLUSH_TIMEOUT_S = 10.0     # flush() waits at most this long by default: a stuck disk must not hang a caller
+BOOTSTRAP_ADMIN = "admin_bootstrap"  # the admin_keys row that mirrors the server's admin key
+_EDITABLE = {"models", "rpm", "tpm", "token_quota", "period", "expires_at"}   # update_key
 CLOSE_TIMEOUT_S = 30.0     # close(): the writer's last tries (ledger.py STOP_ATTEMPTS) fit in it
 
 
@@ -403,6 +407,54 @@ class Store:
         with self._read_lock:
             row = self._conn.execute("SELECT owner_id FROM api_keys WHERE key_id = ?", (key.key_id,)).fetchone()
         return row[0] if row is not None and row[0] else key.key_id
+
+    def update_key(self, key_id: str, **changes) -> ApiKey:
+        """Change an active key's models, rpm, tpm, token_quota, period or expires_at in place (a field
+        not given stays; None clears it). A running server applies it to the key's next request (it
+        reads keys on every request). UsageError for an unknown or revoked key, or a bad value."""
+        unknown = sorted(set(changes) - _EDITABLE)
+        if unknown:
+            raise UsageError(f"cannot change {', '.join(unknown)}; a key's editable fields are "
+                             f"{', '.join(sorted(_EDITABLE))}")
+        checked = {"models": _check_models, "rpm": lambda v: _check_positive("rpm", v),
+                   "tpm": lambda v: _check_positive("tpm", v),
+                   "token_quota": lambda v: _check_positive("token_quota", v),
+                   "period": lambda v: v, "expires_at": lambda v: None if v is None else float(v)}
+        values = {name: checked[name](v) for name, v in changes.items()}
+        with self._read_lock, self._write_txn() as c:
+            row = c.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise self._unknown_key(key_id)
+            new = dataclasses.replace(_key_from_row(row), **values)
+            if new.revoked_at is not None:
+                raise UsageError(f"key {key_id} is revoked; create a new key instead of changing this one")
+            _check_quota(new)
+            params = _key_params(new)
+            cols = [f.name for f in dataclasses.fields(ApiKey)]
+            c.execute(f"UPDATE api_keys SET {', '.join(f'{n} = ?' for n in sorted(_EDITABLE))} WHERE key_id = ?",
+                      [params[cols.index(n)] for n in sorted(_EDITABLE)] + [key_id])
+        return new
+
+    # ------------------------------------------------------------------------------ admin credentials
+
+    def set_bootstrap_admin(self, text: str | None, *, now: float | None = None) -> None:
+        """Store the server's admin key (MUSE_ADMIN_KEY / --admin-key-file) as the operator credential
+        BOOTSTRAP_ADMIN, hashed, replacing what an earlier start stored; None removes it (no admin)."""
+        now = self._now(now)
+        with self._read_lock, self._write_txn() as c:
+            c.execute("DELETE FROM admin_keys WHERE admin_id = ?", (BOOTSTRAP_ADMIN,))
+            if text is not None:
+                c.execute("DELETE FROM admin_keys WHERE key_hash = ?", (hash_key(text),))  # one hash, one row
+                c.execute("INSERT INTO admin_keys (admin_id, key_hash, label, created_at) VALUES (?, ?, ?, ?)",
+                          (BOOTSTRAP_ADMIN, hash_key(text), "the server's admin key", now))
+
+    def is_admin(self, text: str) -> bool:
+        """True if `text` is an operator credential that is not revoked (an indexed look-up by hash)."""
+        digest = hash_key(text)
+        with self._read_lock:
+            row = self._conn.execute("SELECT key_hash FROM admin_keys WHERE key_hash = ? AND revoked_at IS NULL",
+                                     (digest,)).fetchone()
+        return row is not None and hmac.compare_digest(row[0], digest)
 
     # ------------------------------------------------------------------------------------- ledger
 

@@ -52,7 +52,9 @@ def _start(checkpoint, db, *flags) -> tuple[subprocess.Popen, str]:
                 return proc, url
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline, "the server did not come up"
+        if time.monotonic() >= deadline:
+            proc.kill()  # no orphaned server (and engine process, which exits with its parent) after a failure
+            raise AssertionError(f"the server did not come up in 90 s: {proc.communicate()[1][-3000:]}")
         time.sleep(0.1)
 
 

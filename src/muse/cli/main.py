@@ -29,8 +29,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("muse.cli.keys", "create, list, revoke and rotate API keys for `muse serve`"),
     "usage": ("muse.cli.usage", "the usage ledger of `muse serve`: per partner, or one row per request"),
     "sft": ("muse.cli.sft", "supervised fine-tuning on chat data (resumable)"),
+    "rm": ("muse.cli.rm", "train a reward model on preference pairs (resumable)"),
+    "dpo": ("muse.cli.dpo", "preference-optimise a policy: DPO, IPO or SimPO (resumable)"),
+    "rlaif": ("muse.cli.rlaif", "constitution critique -> revision -> preference pairs -> DPO (resumable)"),
+    "grpo": ("muse.cli.grpo", "GRPO: reinforcement learning on task rewards, rollouts on the engine (resumable)"),
     "chat": ("muse.cli.chat", "chat with a model in the terminal"),
     "eval": ("muse.cli.eval", "score checkpoints and OpenAI-compatible endpoints side by side on tasks"),
+    "dashboard": ("muse.cli.dashboard", "web dashboard of training runs: loss curves, throughput, eval, report"),
     "speedrun": ("muse.cli.speedrun", "the whole pipeline on the embedded corpus, with a report"),
 }
 

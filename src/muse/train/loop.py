@@ -411,7 +411,8 @@ class TrainLoop:
                     metrics.log(step, **evals, tokens=tokens)
                     if evals:
                         log.info("step %d | %s", step, " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in evals.items()))
-                    metrics.plot(title=f"{self.objective.stage}: {self.model_cfg.arch}, {format_count(self.n_params)} params")
+                    metrics.plot(title=f"{self.objective.stage}: {self.model_cfg.arch}, {format_count(self.n_params)} params",
+                                 curve=self.objective.curve)
                     t_window, tok_window, steps_window, units_window = time.perf_counter(), 0, 0, 0  # throughput excludes evaluation
                 bar.update(1)
                 if (cfg.save_every and step % cfg.save_every == 0) or last or out_of_time:

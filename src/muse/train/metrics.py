@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from muse.common import dist
@@ -82,17 +83,32 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
 
-    def plot(self, title: str = "") -> Path | None:
-        """Write loss.png (train loss and val loss against tokens) atomically; None if nothing to plot."""
+    def plot(self, title: str = "", curve: Curve | None = None) -> Path | None:
+        """Write the stage's curve (loss.png: train and val loss against tokens) atomically; None if nothing to plot."""
         if not (self.enabled and self.plot_enabled):
             return None
         if self._file is not None:
             self._file.flush()
-        return plot_loss_curve(read_metrics(self.path), self.dir / "loss.png", title=title)
+        curve = curve or LOSS_CURVE
+        return plot_loss_curve(read_metrics(self.path), self.dir / curve.file, title=title, curve=curve)
 
 
-def plot_loss_curve(rows: list[dict], out: str | os.PathLike, title: str = "", extra: dict | None = None) -> Path | None:
-    """Train and val loss against tokens seen. `extra`: {label: rows} of other runs to overlay."""
+@dataclass(frozen=True)
+class Curve:
+    """What a stage's PNG shows: a train row key and an eval row key against tokens (an objective's `curve`)."""
+
+    train: str = "loss"
+    val: str = "val_loss"
+    ylabel: str = "loss (nats/token)"
+    file: str = "loss.png"
+
+
+LOSS_CURVE = Curve()
+
+
+def plot_loss_curve(rows: list[dict], out: str | os.PathLike, title: str = "", extra: dict | None = None,
+                    curve: Curve = LOSS_CURVE) -> Path | None:
+    """Train and val loss (or `curve`'s keys) against tokens seen. `extra`: {label: rows} of other runs to overlay."""
     import io
 
     import matplotlib
@@ -101,19 +117,19 @@ def plot_loss_curve(rows: list[dict], out: str | os.PathLike, title: str = "", e
     import matplotlib.pyplot as plt
 
     series = {"": rows, **(extra or {})}
-    if not any("loss" in r or "val_loss" in r for r in rows):
+    if not any(curve.train in r or curve.val in r for r in rows):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for label, rs in series.items():
-        tr = [(r["tokens"], r["loss"]) for r in rs if "loss" in r and "tokens" in r]
-        va = [(r["tokens"], r["val_loss"]) for r in rs if "val_loss" in r and "tokens" in r]
+        tr = [(r["tokens"], r[curve.train]) for r in rs if curve.train in r and "tokens" in r]
+        va = [(r["tokens"], r[curve.val]) for r in rs if curve.val in r and "tokens" in r]
         sfx = f" ({label})" if label else ""
         if tr:
-            ax.plot(*zip(*tr), lw=1, alpha=0.8, label=f"train{sfx}")
+            ax.plot(*zip(*tr), lw=1, alpha=0.8, label=f"{'train' if curve.train == 'loss' else curve.train}{sfx}")
         if va:
-            ax.plot(*zip(*va), "o-", ms=3, label=f"val{sfx}")
+            ax.plot(*zip(*va), "o-", ms=3, label=f"{'val' if curve.val == 'val_loss' else curve.val}{sfx}")
     ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(curve.ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     if title:

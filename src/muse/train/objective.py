@@ -40,6 +40,7 @@ from muse.common.device import DtypePolicy
 from muse.distributed import mesh as dmesh
 from muse.distributed.parallelize import ParallelConfig, parallelize
 from muse.model import ModelConfig, flops_per_token
+from muse.train.metrics import LOSS_CURVE, Curve
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Objective(abc.ABC):
     tokenizer: Any  # the muse.tokenizer.Tokenizer saved with every checkpoint
     init_from: Path | None = None  # the checkpoint the first weights come from (meta.json records it)
     unit_name: str = "loss_tokens"  # what a loss unit is: metrics.jsonl logs <unit_name>_per_s (DPO: "pairs")
+    curve: Curve = LOSS_CURVE  # the PNG the loop draws at each evaluation (GRPO: reward and pass@1, not loss)
 
     @abc.abstractmethod
     def model_config(self) -> ModelConfig:

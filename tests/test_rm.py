@@ -62,6 +62,11 @@ def test_the_checkpoint_says_it_is_a_reward_model_and_is_never_served(trained_rm
     assert path.parent.name == "rm" and model.output.weight.shape == (1, 64)
     with pytest.raises(CheckpointError, match="is a language model, not a reward model"):
         load_reward_model(run / "base")
+    from muse.checkpoint.hf_export import export_hf
+
+    with pytest.raises(CheckpointError, match="is a reward model .* not a language model"):
+        export_hf(run / "rm" / "latest", run / "export")
+    assert not (run / "export").exists()
 
 
 def test_init_loads_the_trunk_and_starts_the_head_at_zero(save_tiny_checkpoint, tmp_path):

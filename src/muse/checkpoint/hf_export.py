@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from muse.checkpoint.checkpoint import load_model_state, read_config
+from muse.checkpoint.checkpoint import load_model_state, read_config, read_head
 from muse.checkpoint.hf import HF_ARCHITECTURES, dump_json, hf_model_type, hf_tokenizer_json, to_hf_state
 from muse.checkpoint.manifest import step_of
 from muse.checkpoint.stages import resolve_stage
@@ -182,6 +182,10 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike | None = None, *, 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{out} already exists and is not empty; pass --force to replace it, or choose "
                                 "another --out")
+    head = read_head(ckpt)
+    if head is not None:
+        raise CheckpointError(f"{ckpt} is a {head['kind']} model (a trunk with a scalar head), not a language model; "
+                              "export exports causal LMs (an sft, dpo or grpo stage)")
     try:
         cfg = ModelConfig.from_dict(read_config(ckpt))
     except ConfigError as e:

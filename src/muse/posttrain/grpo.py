@@ -93,10 +93,11 @@ ADV_EPS = 1e-4  # TRL's: keeps a group with a tiny spread from blowing its advan
 
 
 def _grpo_optim() -> OptimConfig:
-    # A fifth of SFT's rates (a tenth of pretraining's): Muon's update has a fixed size whatever the
-    # gradient's scale, and a policy gradient from a few groups is noisy. nanochat's RL uses 5% of base.
-    # Not tuned on our models yet.
-    return OptimConfig(matrix_lr=0.002, embedding_lr=0.02, head_lr=0.0004, scalar_lr=0.004)
+    # A tenth of SFT's rates (a twentieth of pretraining's, nanochat's RL share of base): Muon's update has
+    # a fixed size whatever the gradient's scale, and a policy gradient from a few groups is noisy. On the
+    # speedrun model (BENCHMARKS.md 10) matrix 4e-3 collapsed the policy onto one reply and 2e-3 lost 6
+    # points of arithmetic_1digit in 100 steps, 1e-3 was stable (letter_count +3, arithmetic_1digit -1).
+    return OptimConfig(matrix_lr=0.001, embedding_lr=0.01, head_lr=0.0002, scalar_lr=0.002)
 
 
 @dataclass

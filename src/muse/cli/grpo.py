@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from muse.common.cli import add_loop_arguments, loop_flags
 
 EXAMPLES = """examples:
   muse grpo runs/demo --task arithmetic_2digit                  # task verifier, from runs/demo/sft
@@ -46,47 +47,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-eps", type=float, help="PPO ratio clip, used with --updates-per-batch > 1 (default 0.2)")
     p.add_argument("--updates-per-batch", type=int, help="optimizer steps per rollout batch (default 1)")
     p.add_argument("--eval-prompts", type=int, help="validation prompts per evaluation (default 64; 0 = none)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, ...")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--nproc", type=int, help="processes to start on this node (torchrun standalone); default 1")
-    p.add_argument("--parallel", choices=["fsdp", "ddp"], help="with several processes: fsdp (default) or ddp")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/grpo/latest exactly")
-    p.add_argument("--force", action="store_true", help="start over even though grpo checkpoints exist")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    add_loop_arguments(p, "grpo")
 
 
 def load_args_config(args):
     from muse.posttrain.grpo import load_grpo_config
 
     flags = {
-        "max_steps": args.max_steps, "group_size": args.group_size, "prompts_per_step": args.prompts_per_step,
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "kl_coef": args.kl_coef,
-        "clip_eps": args.clip_eps, "updates_per_batch": args.updates_per_batch, "eval_prompts": args.eval_prompts,
-        "device": args.device, "seed": args.seed, "eval_every": args.eval_every, "save_every": args.save_every,
-        "dtype": args.dtype, "init_from": args.init_from, "parallel.nproc": args.nproc, "parallel.mode": args.parallel,
+        **loop_flags(args), "max_steps": args.max_steps, "group_size": args.group_size,
+        "prompts_per_step": args.prompts_per_step, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "kl_coef": args.kl_coef, "clip_eps": args.clip_eps,
+        "updates_per_batch": args.updates_per_batch, "eval_prompts": args.eval_prompts, "init_from": args.init_from,
         "tasks": tuple(args.task) or None, "rewards": tuple(args.reward) or None,
     }
     return load_grpo_config(args.config, flags, args.set)
 
 
 def run(args) -> int:
+    from muse.distributed.launch import train_or_launch
     from muse.posttrain.grpo import grpo_loop
 
     cfg = load_args_config(args)
     loop = grpo_loop(cfg, args.run_dir, resume=args.resume, force=args.force)  # checks tasks, rewards, prompts first
-    if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from muse.distributed.launch import launch, rebuild_argv
-
-        loop.check(world_size=cfg.parallel.nproc)
-        launch(cfg.parallel.nproc, ["grpo", *rebuild_argv(add_arguments, args)])
-        return 0
-    result = loop.train()
-    from muse.common import dist
-
-    if not dist.is_main():
+    result = train_or_launch(loop, cfg, "grpo", add_arguments, args)
+    if result is None:
         return 0
     summary = {
         "checkpoint": str(result.checkpoint) if result.checkpoint else None, "steps": result.steps,

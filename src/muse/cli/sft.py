@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from muse.common.cli import add_loop_arguments, loop_flags
 
 EXAMPLES = """examples:
   muse sft runs/demo                                   # the default mixture, from runs/demo/base
@@ -39,46 +40,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, help="longest row in tokens (default: the model's context)")
     p.add_argument("--batch-tokens", type=int, help="padded tokens per micro-batch (default 4096)")
     p.add_argument("--micro-batches", type=int, help="micro-batches per step over all processes (default 1)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, ...")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--nproc", type=int, help="processes to start on this node (torchrun standalone); default 1")
-    p.add_argument("--parallel", choices=["fsdp", "ddp"], help="with several processes: fsdp (default) or ddp")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/sft/latest exactly")
-    p.add_argument("--force", action="store_true", help="start over even though sft checkpoints exist")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    add_loop_arguments(p, "sft")
 
 
 def load_args_config(args):
     from muse.posttrain.sft import load_sft_config
 
     flags = {
-        "max_steps": args.max_steps, "seq_len": args.seq_len, "batch_tokens": args.batch_tokens,
-        "micro_batches": args.micro_batches, "device": args.device, "seed": args.seed,
-        "eval_every": args.eval_every, "save_every": args.save_every, "dtype": args.dtype,
-        "init_from": args.init_from, "mixture": args.mixture, "parallel.nproc": args.nproc,
-        "parallel.mode": args.parallel, "data": tuple(args.data) or None,
+        **loop_flags(args), "max_steps": args.max_steps, "seq_len": args.seq_len, "batch_tokens": args.batch_tokens,
+        "micro_batches": args.micro_batches, "init_from": args.init_from, "mixture": args.mixture,
+        "data": tuple(args.data) or None,
     }
     return load_sft_config(args.config, flags, args.set)
 
 
 def run(args) -> int:
+    from muse.distributed.launch import train_or_launch
     from muse.posttrain.sft import sft_loop
 
     cfg = load_args_config(args)
     loop = sft_loop(cfg, args.run_dir, resume=args.resume, force=args.force)  # reads and checks the data first
-    if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from muse.distributed.launch import launch, rebuild_argv
-
-        loop.check(world_size=cfg.parallel.nproc)
-        launch(cfg.parallel.nproc, ["sft", *rebuild_argv(add_arguments, args)])
-        return 0
-    result = loop.train()
-    from muse.common import dist
-
-    if not dist.is_main():
+    result = train_or_launch(loop, cfg, "sft", add_arguments, args)
+    if result is None:
         return 0
     obj = loop.objective
     share = obj.loss_tokens / max(obj.read_tokens, 1)

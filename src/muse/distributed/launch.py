@@ -196,3 +196,14 @@ def rebuild_argv(add_arguments, args: argparse.Namespace) -> list[str]:
         else:
             out += [action.option_strings[0], str(value)]
     return out
+
+
+def train_or_launch(loop, cfg, verb: str, add_arguments, args):
+    """Train `loop` in this process, or, with --nproc N outside torchrun, start N workers running `muse VERB`
+    with the same flags. The TrainResult on the main rank; None on other ranks and in the launcher."""
+    if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        loop.check(world_size=cfg.parallel.nproc)
+        launch(cfg.parallel.nproc, [verb, *rebuild_argv(add_arguments, args)])
+        return None
+    result = loop.train()
+    return result if dist.is_main() else None

@@ -77,13 +77,14 @@ def check_conversation(obj, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_chat_jsonl(path: str | os.PathLike) -> list[tuple[int, list[dict]]]:
-    """(line number, messages) of every conversation in a chat JSONL file; blank lines are skipped."""
+def read_jsonl_objects(path: str | os.PathLike, what: str, hint: str) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) of every non-blank line of a JSONL file of `what` ("a chat JSONL file");
+    a DataError naming the file and line (and ending in `hint`) for anything that is not UTF-8 JSON."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist; pass a chat JSONL file ({FORMAT_HINT})") from None
+        raise DataError(f"{path} does not exist; pass {what} ({hint})") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     out = []
@@ -91,14 +92,20 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[tuple[int, list[dict]]]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise DataError(f"{path}:{n}: not UTF-8 text; is this a chat JSONL file? {FORMAT_HINT}") from None
+            raise DataError(f"{path}:{n}: not UTF-8 text; is this {what}? {hint}") from None
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            out.append((n, json.loads(text)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); {FORMAT_HINT}") from None
-        out.append((n, check_conversation(obj, f"{path}:{n}")))
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); {hint}") from None
+    return out
+
+
+def read_chat_jsonl(path: str | os.PathLike) -> list[tuple[int, list[dict]]]:
+    """(line number, messages) of every conversation in a chat JSONL file; blank lines are skipped."""
+    out = [(n, check_conversation(obj, f"{path}:{n}"))
+           for n, obj in read_jsonl_objects(path, "a chat JSONL file", FORMAT_HINT)]
     if not out:
         raise DataError(f"{path} holds no conversations (it is empty); {FORMAT_HINT}")
     return out

@@ -62,7 +62,7 @@ from torch import nn
 from muse.checkpoint import read_config, resolve_checkpoint
 from muse.common.errors import ConfigError, DataError, TokenizerError
 from muse.common.logging import get_logger
-from muse.data.chat import MixtureStream, collate
+from muse.data.chat import MixtureStream, collate, read_jsonl_objects
 from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig
 from muse.tokenizer import END_ID, PAD_ID, ROLES, Tokenizer, render_prompt
@@ -143,26 +143,8 @@ def check_pair(obj, line: int, where: str) -> Pair:
 
 def read_preference_jsonl(path: str | os.PathLike) -> list[Pair]:
     """Every pair of a preference JSONL file, checked; blank lines are skipped."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; pass a preference JSONL file ({FORMAT_HINT})") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    pairs = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{n}: not UTF-8 text; is this a preference JSONL file? {FORMAT_HINT}") from None
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); {FORMAT_HINT}") from None
-        pairs.append(check_pair(obj, n, f"{path}:{n}"))
+    pairs = [check_pair(obj, n, f"{path}:{n}")
+             for n, obj in read_jsonl_objects(path, "a preference JSONL file", FORMAT_HINT)]
     if not pairs:
         raise DataError(f"{path} holds no preference pairs (it is empty); {FORMAT_HINT}")
     return pairs

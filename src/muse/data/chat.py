@@ -60,9 +60,18 @@ def check_conversation(obj, where: str) -> list[dict]:
     """The messages of one parsed JSONL row, or a DataError that names `where` (file:line) and the fault."""
     if not isinstance(obj, Mapping) or "messages" not in obj:
         raise DataError(f"{where}: expected an object with a 'messages' list; {FORMAT_HINT}")
-    messages = obj["messages"]
+    messages = check_messages(obj["messages"], where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from; "
+                        "add the reply the model should give, or drop the line")
+    return messages
+
+
+def check_messages(messages, where: str, hint: str = FORMAT_HINT) -> list[dict]:
+    """A non-empty list of {"role", "content"} messages with known roles and text contents, copied to
+    exactly those two keys; a DataError that names `where` and the faulty message otherwise."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list; {FORMAT_HINT}")
+        raise DataError(f"{where}: 'messages' must be a non-empty list; {hint}")
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise DataError(f"{where}: message {i} is a {type(m).__name__}, not an object with role and content")
@@ -71,9 +80,6 @@ def check_conversation(obj, where: str) -> list[dict]:
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: message {i} ({m['role']}) has content of type "
                             f"{type(m.get('content')).__name__}; content must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from; "
-                        "add the reply the model should give, or drop the line")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

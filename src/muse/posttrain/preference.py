@@ -62,10 +62,10 @@ from torch import nn
 from muse.checkpoint import read_config, resolve_checkpoint
 from muse.common.errors import ConfigError, DataError, TokenizerError
 from muse.common.logging import get_logger
-from muse.data.chat import MixtureStream, collate, read_jsonl_objects
+from muse.data.chat import MixtureStream, check_messages, collate, read_jsonl_objects
 from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig
-from muse.tokenizer import END_ID, PAD_ID, ROLES, Tokenizer, render_prompt
+from muse.tokenizer import END_ID, PAD_ID, Tokenizer, render_prompt
 from muse.train.loop import LoopConfig
 from muse.train.objective import Objective, Plan
 
@@ -110,20 +110,7 @@ def _prompt(obj: Mapping, where: str) -> tuple[dict, ...]:
         if not isinstance(obj["prompt"], str):
             raise DataError(f"{where}: 'prompt' must be text, got {type(obj['prompt']).__name__}")
         return ({"role": "user", "content": obj["prompt"]},)
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list; {FORMAT_HINT}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise DataError(f"{where}: message {i} is a {type(m).__name__}, not an object with role and content")
-        if m.get("role") not in ROLES:
-            raise DataError(f"{where}: message {i} has role {m.get('role')!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {i} ({m['role']}) has content of type "
-                            f"{type(m.get('content')).__name__}; content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return tuple(out)
+    return tuple(check_messages(obj["messages"], where, FORMAT_HINT))
 
 
 def check_pair(obj, line: int, where: str) -> Pair:
@@ -393,10 +380,7 @@ class PairObjective(Objective):
         return self._model_cfg
 
     def plan(self, dp_size: int) -> Plan:
-        if self.cfg.micro_batches % dp_size:
-            raise ConfigError(f"micro_batches {self.cfg.micro_batches} is not a multiple of the {dp_size} data-parallel "
-                              f"processes; set --micro-batches to a multiple of {dp_size}")
-        return Plan(grad_accum=self.cfg.micro_batches // dp_size, total_steps=self.cfg.max_steps)
+        return Plan.of_micro_batches(self.cfg.micro_batches, dp_size, self.cfg.max_steps)
 
     def _rows(self) -> list[PairRow]:
         rows = self.stream.take(self.ctx.dp_rank, self.ctx.dp_size).rows

@@ -115,10 +115,7 @@ class SFT(Objective):
         return self._model_cfg
 
     def plan(self, dp_size: int) -> Plan:
-        if self.cfg.micro_batches % dp_size:
-            raise ConfigError(f"micro_batches {self.cfg.micro_batches} is not a multiple of the {dp_size} data-parallel "
-                              f"processes; set --micro-batches to a multiple of {dp_size}")
-        return Plan(grad_accum=self.cfg.micro_batches // dp_size, total_steps=self.cfg.max_steps)
+        return Plan.of_micro_batches(self.cfg.micro_batches, dp_size, self.cfg.max_steps)
 
     def setup(self, ctx: LoopContext, *, resuming: bool) -> nn.Module:
         model = build_model(self._model_cfg, device=ctx.device)

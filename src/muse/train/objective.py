@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from muse.common.device import DtypePolicy
+from muse.common.errors import ConfigError
 from muse.distributed import mesh as dmesh
 from muse.distributed.parallelize import ParallelConfig, parallelize
 from muse.model import ModelConfig, flops_per_token
@@ -59,6 +60,15 @@ class Plan:
     grad_accum: int  # micro-batches per optimizer step on each data-parallel rank
     total_steps: int  # the horizon
     tokens_per_step: int | None = None  # when every step reads the same number (train_config.json)
+
+    @classmethod
+    def of_micro_batches(cls, micro_batches: int, dp_size: int, total_steps: int) -> Plan:
+        """`micro_batches` per step over all data-parallel ranks, an equal share each (SFT, DPO, the RM);
+        ConfigError when they do not divide evenly."""
+        if micro_batches % dp_size:
+            raise ConfigError(f"micro_batches {micro_batches} is not a multiple of the {dp_size} data-parallel "
+                              f"processes; set --micro-batches to a multiple of {dp_size}")
+        return cls(grad_accum=micro_batches // dp_size, total_steps=total_steps)
 
 
 @dataclass

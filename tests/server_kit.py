@@ -28,15 +28,13 @@ def engine_for(model, tok, **kw):
     return Engine(model, EngineConfig(block_size=8, num_blocks=160, max_num_seqs=16, **kw), tokenizer=tok)
 
 
-class Server:
-    """uvicorn in a thread on a free port; `url`, `state` (the app's AppState), `stop()`."""
+class Live:
+    """An ASGI app under uvicorn in a thread on a free loopback port: `url`, `stop()`."""
 
-    def __init__(self, models, store, config=None):
-        self.app = create_app(models, store, config or ServerConfig(admin_key=ADMIN))
-        self.state = self.app.state.muse
-        self.store = store
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False, timeout_graceful_shutdown=5))
+    def __init__(self, app, **config):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    access_log=False, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -45,6 +43,21 @@ class Server:
             time.sleep(0.01)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class Server(Live):
+    """Muse's app over `models` and `store` under uvicorn in a thread: `url`, `state` (the app's AppState),
+    clients, `settle()`, `stop()`."""
+
+    def __init__(self, models, store, config=None):
+        super().__init__(create_app(models, store, config or ServerConfig(admin_key=ADMIN)),
+                         timeout_graceful_shutdown=5)
+        self.state = self.app.state.muse
+        self.store = store
 
     def client(self, key, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
@@ -63,9 +76,5 @@ class Server:
             assert time.monotonic() < deadline, "requests still running"
             time.sleep(0.005)
         self.store.flush()
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 

@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from muse.server.app import ServedModel, ServerConfig, create_app
 from muse.server.rundata import read_runs
 from muse.server.store import Store
 from muse.server.ui import dashboard_app
-from server_kit import ADMIN, engine_for, tiny_model
+from server_kit import ADMIN, Live, engine_for, tiny_model
 from test_web import make_run
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(180)]
@@ -50,25 +47,6 @@ def browser():
     yield b
     b.close()
     pw.stop()
-
-
-class Live:
-    """An app under uvicorn in a thread on a free loopback port: `url`, `stop()`."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

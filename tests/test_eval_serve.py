@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 import muse.tasks as tasks
+from eval_kit import DyingCache, Killed
 from muse.eval import EvalOptions, ModelSpec, NoCache, ResponseCache, evaluate
 from muse.eval.local import MuseProvider
 from muse.eval.remote import OpenAIProvider
@@ -89,23 +90,6 @@ def test_local_and_served_agree_sample_by_sample(server, tok, model, task_list, 
             else:
                 assert b[sid]["output"] == a[sid]["output"], sid
         assert served.data["results"][task.name]["served"]["metrics"] == local.data["results"][task.name]["local"]["metrics"]
-
-
-class Killed(Exception):
-    pass
-
-
-class DyingCache(ResponseCache):
-    """Dies (like a killed process) right after storing its `after`-th response."""
-
-    def __init__(self, path, after):
-        super().__init__(path)
-        self.after = after
-
-    def put(self, *args):
-        super().put(*args)
-        if self.writes >= self.after:
-            raise Killed()
 
 
 def test_a_killed_eval_reruns_without_sending_a_request_twice(server, task_list, monkeypatch, tmp_path):

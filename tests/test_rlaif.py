@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import muse.tasks as tasks
+from eval_kit import DyingCache, Killed
 from muse.eval.cache import ResponseCache
 from muse.posttrain.constitution import (
     ConstitutionError,
@@ -288,23 +289,6 @@ def _copy_run(policy_run, tmp_path):
 
     shutil.copytree(policy_run / "run", tmp_path / "run")
     return tmp_path / "run"
-
-
-class Killed(Exception):
-    pass
-
-
-class DyingCache(ResponseCache):
-    """Dies (like a killed process) right after storing its `after`-th response."""
-
-    def __init__(self, path, after):
-        super().__init__(path)
-        self.after = after
-
-    def put(self, *args):
-        super().put(*args)
-        if self.writes >= self.after:
-            raise Killed()
 
 
 def test_rlaif_with_checks_end_to_end_killed_and_resumed(policy_run, tmp_path):

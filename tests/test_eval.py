@@ -379,3 +379,29 @@ def test_cli_reports_contaminated_test_items(tiny_checkpoint, tmp_path, capsys):
     assert report["task"] == "quote_completion" and report["contaminated"] == 1 and report["checked"] >= 1000
     assert "1 of" in err and "quote_completion" in err
     assert "## Contamination" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("shots", [0, 1])  # the task's own k is 3
+def test_shots_sets_the_few_shot_examples_of_every_prompt(shots):
+    sent = []
+
+    def handler(request: httpx.Request):
+        if request.url.path == "/v1/completions":
+            return httpx.Response(404, json={"detail": "Not Found"})
+        sent.append(json.loads(request.content)["messages"])
+        return chat_reply("7")
+
+    task = tasks.get("arithmetic_1digit")
+    opts = EvalOptions(show_progress=False, limit=4, shots=shots)
+    res = run(evaluate([scripted(handler)], [task], cache=NoCache(), opts=opts))
+    assert len(sent) == 4 and res.data["settings"]["shots"] == shots
+    assert res.data["tasks"]["arithmetic_1digit"]["shots"] == shots
+    for messages in sent:  # each shot is one user turn and one assistant answer before the question
+        assert [m["role"] for m in messages if m["role"] != "system"] == ["user", "assistant"] * shots + ["user"]
+
+
+def test_cli_refuses_negative_shots(tmp_path, capsys):
+    code = main(["eval", "--model", str(tmp_path / "nowhere"), "--tasks", "identity", "--shots", "-1",
+                 "--no-cache", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--shots must be >= 0" in err and "Traceback" not in err

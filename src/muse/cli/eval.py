@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="the first N samples of each task (bpb: N windows)")
     p.add_argument("--out", help="output directory (default: RUN/eval of the first checkpoint, else ./eval)")
     p.add_argument("--split", default="test", help="which split to score (default test)")
+    p.add_argument("--shots", "--num-fewshot", dest="shots", type=int, metavar="K",
+                   help="few-shot examples in every prompt (default: each task's own fewshot.k)")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the built-in task generators (default 0)")
     p.add_argument("--stage", help="which stage of a run directory (default: the latest trained)")
     p.add_argument("--device", default="auto", help="device for checkpoints (default auto)")
@@ -76,13 +78,15 @@ def run(args) -> int:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise UsageError(f"--{flag} must be >= 1, got {v}")
+    if args.shots is not None and args.shots < 0:
+        raise UsageError(f"--shots must be >= 0, got {args.shots}")
     if args.retries < 0 or args.timeout <= 0:
         raise UsageError("--retries must be >= 0 and --timeout > 0")
     gate = load_gate(args.gate) if args.gate else None  # a broken gate file fails before any model runs
     specs = [parse_model_spec(m) for m in args.model]
     out = Path(args.out) if args.out else _default_out(specs)
     results = run_eval(specs, args.tasks, limit=args.limit, out_dir=out, split=args.split, task_seed=args.task_seed,
-                       cache=False if args.no_cache else (args.cache or True), concurrency=args.concurrency,
+                       shots=args.shots, cache=False if args.no_cache else (args.cache or True), concurrency=args.concurrency,
                        judge=args.judge, stage=args.stage, device=args.device, dtype=args.dtype, style=args.style,
                        api_key_env=args.api_key_env, retries=args.retries, timeout=args.timeout)
     if args.contamination or args.contamination_data:

@@ -9,10 +9,12 @@
 results.json (schema_version 1):
 
     {"schema_version": 1, "muse_version": "...", "created_at": "2026-...Z",
-     "settings": {"tasks": [...], "split": "test", "limit": 100, "task_seed": 0, "bootstrap": 1000, "cache": PATH},
+     "settings": {"tasks": [...], "split": "test", "limit": 100, "task_seed": 0, "shots": null | K,
+                  "bootstrap": 1000, "cache": PATH},
      "models": {NAME: {"kind": "muse"|"openai", "checkpoint" | "base_url"+"model", "identity", "style",
                        "spec", "error": null | "why the model could not be evaluated", "time_s"}},
-     "tasks": {TASK: {"kind", "description", "metrics": [...], "primary", "higher_is_better", "chance", "source"}},
+     "tasks": {TASK: {"kind", "description", "metrics": [...], "primary", "higher_is_better", "chance", "source",
+                    "shots": the few-shot examples in each prompt}},
      "results": {TASK: {NAME: {"status": "ok" | "skipped" | "failed", "reason": null | "...", "n", "n_failed",
                                "failures": [first reasons], "metrics": {METRIC: {"value", "stderr"}},
                                "time_s", "tokens": {"prompt", "completion"},
@@ -179,6 +181,7 @@ def render_markdown(data: dict, records: dict, charts: list[str]) -> str:
     lines = ["# Evaluation", ""]
     s = data["settings"]
     lines.append(f"Split `{s['split']}`, " + (f"first {s['limit']} samples per task" if s["limit"] else "all samples")
+                 + (f", {s['shots']}-shot" if s.get("shots") is not None else "")
                  + f"; ± is the bootstrap standard error ({s['bootstrap']} resamples). muse {data['muse_version']}, "
                  f"{data['created_at']}.")
     lines.append("")

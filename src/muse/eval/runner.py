@@ -40,7 +40,7 @@ import numpy as np
 
 import muse
 import muse.tasks as tasks_lib
-from muse.common.errors import DataError, MuseError
+from muse.common.errors import DataError, MuseError, UsageError
 from muse.common.logging import get_logger, progress
 from muse.eval.cache import NoCache, ResponseCache, default_cache_path
 from muse.eval.providers import ModelSpec, ProviderFailed, SampleFailed, parse_model_spec, parse_model_specs
@@ -63,6 +63,7 @@ class EvalOptions:
     split: str = "test"
     limit: int | None = None
     task_seed: int = 0
+    shots: int | None = None          # few-shot examples per prompt; None: each task's own fewshot.k
     concurrency: int | None = None    # None: the provider's own default
     n_bootstrap: int = N_BOOTSTRAP
     show_progress: bool = True
@@ -152,7 +153,7 @@ def plan_task(task: Task, provider, opts: EvalOptions) -> list[Work]:
         _check(provider, "loglik")
         for s in samples:
             try:
-                pairs = tasks_lib.multiple_choice_requests(task, s, tasks_lib.fewshot_examples(task, s))
+                pairs = tasks_lib.multiple_choice_requests(task, s, tasks_lib.fewshot_examples(task, s, opts.shots))
             except MuseError as e:
                 work.append(Work(s, [], "failed", {"reason": str(e)}))
                 continue
@@ -167,7 +168,7 @@ def plan_task(task: Task, provider, opts: EvalOptions) -> list[Work]:
         if gen.temperature > 0:
             req["seed"] = _seed_of(s.id)
         try:
-            shots = tasks_lib.fewshot_examples(task, s)
+            shots = tasks_lib.fewshot_examples(task, s, opts.shots)
             if chat or s.prompt is None:
                 req.update(op="chat", messages=tasks_lib.build_messages(task, s, shots), stop=list(gen.chat_stop))
             else:
@@ -318,14 +319,15 @@ class EvalResults:
         return (r.get("metrics", {}).get(metric) or {}).get("value")
 
 
-def _task_info(task: Task) -> dict:
+def _task_info(task: Task, shots: int | None = None) -> dict:
     primary = task.metrics[0]
     try:
         chance = task.chance_level()
     except MuseError:
         chance = None
     return {"kind": task.kind, "description": task.description, "metrics": list(task.metrics), "primary": primary,
-            "higher_is_better": primary not in LOWER_IS_BETTER, "chance": chance, "source": task.source}
+            "higher_is_better": primary not in LOWER_IS_BETTER, "chance": chance, "source": task.source,
+            "shots": 0 if task.kind == "bpb" else (task.fewshot.k if shots is None else shots)}
 
 
 async def _run_model(provider, tasks: list[Task], cache, opts: EvalOptions, judge_fetch) -> tuple[dict, dict]:
@@ -414,9 +416,10 @@ async def evaluate(providers: Sequence, tasks: Sequence[Task], *, cache=None, op
     data = {"schema_version": SCHEMA_VERSION, "muse_version": muse.__version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {"tasks": [t.name for t in tasks], "split": opts.split, "limit": opts.limit,
-                         "task_seed": opts.task_seed, "bootstrap": opts.n_bootstrap,
+                         "task_seed": opts.task_seed, "shots": opts.shots, "bootstrap": opts.n_bootstrap,
                          "cache": str(getattr(cache, "path", None) or "")},
-            "models": {}, "tasks": {t.name: _task_info(t) for t in tasks}, "results": {t.name: {} for t in tasks}}
+            "models": {}, "tasks": {t.name: _task_info(t, opts.shots) for t in tasks},
+            "results": {t.name: {} for t in tasks}}
     records: dict = {}
     errors: list[str] = []
     judge_fetch = None
@@ -453,7 +456,8 @@ async def evaluate(providers: Sequence, tasks: Sequence[Task], *, cache=None, op
 
 def run_eval(models: Sequence[str | ModelSpec], tasks: str | Sequence[str | Task] = "all", *, limit: int | None = None,
              out_dir: str | Path | None = None, split: str = "test", task_seed: int = 0,
-             cache: str | Path | bool | None = True, concurrency: int | None = None, judge: str | None = None,
+             shots: int | None = None, cache: str | Path | bool | None = True, concurrency: int | None = None,
+             judge: str | None = None,
              stage: str | None = None, device: str = "cpu", dtype: str | None = None, style: str = "auto",
              api_key_env: str | None = None, retries: int = 4, timeout: float = 120.0, engine_config=None,
              show_progress: bool = True) -> EvalResults:
@@ -475,7 +479,9 @@ def run_eval(models: Sequence[str | ModelSpec], tasks: str | Sequence[str | Task
               timeout=timeout, engine_config=engine_config, concurrency=concurrency)
     providers = [make_provider(s, **kw) for s in specs]
     judge_provider = make_provider(parse_model_spec(judge), **kw) if judge else None
-    opts = EvalOptions(split=split, limit=limit, task_seed=task_seed, concurrency=concurrency,
+    if shots is not None and shots < 0:
+        raise UsageError(f"shots must be >= 0, got {shots}")
+    opts = EvalOptions(split=split, limit=limit, task_seed=task_seed, shots=shots, concurrency=concurrency,
                        show_progress=show_progress)
     spec_text = {s.name: (f"openai:{s.target}@{s.model}" if s.kind == "openai" else s.target) for s in specs}
     try:

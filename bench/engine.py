@@ -41,6 +41,7 @@ from muse.common.device import pick_device, synchronize  # noqa: E402
 from muse.infer.engine import Engine, EngineConfig  # noqa: E402
 from muse.infer.generate import generate  # noqa: E402
 from muse.infer.sampling_params import SamplingParams  # noqa: E402
+from muse.infer.seq_attention import ATTENTION_BACKENDS  # noqa: E402
 from muse.model import ModelConfig, build_model  # noqa: E402
 
 # ---- the static-batching baseline ------------------------------------------------------------------
@@ -110,7 +111,8 @@ def run_engine(model, prompts, max_tokens, concurrency, args, device):
     num_blocks = args.num_blocks or max(concurrency * longest, args.max_seq_len) // args.block_size + 64
     engine = Engine(model, EngineConfig(max_num_seqs=concurrency, block_size=args.block_size,
                                         max_num_batched_tokens=args.max_batched_tokens,
-                                        max_model_len=args.max_seq_len, num_blocks=num_blocks))
+                                        max_model_len=args.max_seq_len, num_blocks=num_blocks,
+                                        attention_backend=args.attention_backend))
 
     def go():
         for i, (p, m) in enumerate(zip(prompts, max_tokens)):
@@ -247,6 +249,8 @@ def main():
     p.add_argument("--num-blocks", type=int, default=None,
                    help="KV blocks (default: concurrency x the longest request, plus 64)")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="the engine's attention backend (muse.infer.seq_attention)")
     p.add_argument("--prefix-len", type=int, default=1000)
     p.add_argument("--prefix-requests", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -41,6 +41,7 @@ from muse.infer.runner import ModelRunner
 from muse.infer.sampler import TokenLogprob
 from muse.infer.sampling_params import SamplingParams
 from muse.infer.scheduler import RequestDelta, Scheduler, SchedulerConfig
+from muse.infer.seq_attention import check_backend
 from muse.infer.spec_decode import SpeculativeConfig
 
 log = get_logger("muse.infer")
@@ -60,6 +61,14 @@ class EngineConfig(SchedulerConfig):
     speculative: SpeculativeConfig | None = None
     seed: int = 0                           # seeds of unseeded requests are drawn from this
     max_batched_query: int = 64             # attention: query lengths up to this share padded calls
+    # how a step attends over the paged K/V pool (muse.infer.seq_attention): "paged-reference" (padded
+    # groups over gathered blocks), "paged-contiguous" (one SDPA per sequence over a view of its blocks),
+    # "auto" (the second for steps of a few sequences, the first for bigger ones)
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_backend(self.attention_backend)
 
 
 @dataclass
@@ -281,7 +290,8 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size,
                                   max_model_len=max_model_len, eos_token_id=eos, seed=config.seed,
                                   speculative=config.speculative, max_batched_query=config.max_batched_query,
-                                  vocab_limit=None if tokenizer is None else tokenizer.vocab_size)
+                                  vocab_limit=None if tokenizer is None else tokenizer.vocab_size,
+                                  attention_backend=config.attention_backend)
         self.num_blocks, self.max_model_len = num_blocks, max_model_len
         self.vocab_size: int = model.config.vocab_size
         self._live: dict[str, _Live] = {}

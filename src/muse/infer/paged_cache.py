@@ -32,6 +32,9 @@ the prefix cache blocks that another request of the same step is computing (kv_b
 `write=False` plans (the draft model's proposal passes) do not write the new tokens: each sequence
 attends to the pool for positions < start and to the new k, v straight from the step's tensors.
 
+This is the engine's "paged-reference" attention backend; seq_attention.py holds the others and the
+switch between them (EngineConfig.attention_backend).
+
 This module knows block ids and positions, not requests, sampling or the scheduler.
 """
 

@@ -3,8 +3,9 @@
 The only part of the engine that touches tensors. Per step:
   1. drop the state of finished and preempted requests; (re)build it for `is_new` ones;
   2. flatten every scheduled request's tokens into ONE (1, N) batch and build the step's attention
-     plan over the paged K/V pool (paged_cache.py): prefill chunks, decodes and draft verifications
-     of any number of requests in one forward pass;
+     over the paged K/V pool with the configured backend (seq_attention.make_step: paged_cache.py's
+     reference plan, or one SDPA per sequence over views of its blocks): prefill chunks, decodes and
+     draft verifications of any number of requests in one forward pass;
   3. compute logits only at the rows that need them: each sampling request's last known token and
      its drafts, and the positions whose next token is a prompt token for prompt_logprobs requests;
   4. sample (sampler.py), or verify drafts by rejection sampling (spec_decode.py); logprobs of the
@@ -42,6 +43,7 @@ from muse.infer.sampler import (
 )
 from muse.infer.sampling_params import SamplingParams
 from muse.infer.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from muse.infer.seq_attention import check_backend, make_step
 from muse.infer.spec_decode import (
     DraftInput,
     DraftModelProposer,
@@ -75,8 +77,9 @@ class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
                  eos_token_id: int | None = None, seed: int = 0,
                  speculative: SpeculativeConfig | None = None, max_batched_query: int = 64,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, attention_backend: str = "paged-reference"):
         self.model = model
+        self.attention_backend = check_backend(attention_backend)
         cfg = model.config
         if max_model_len > cfg.max_seq_len:
             raise ConfigError(f"max_model_len ({max_model_len}) is longer than the model's max_seq_len "
@@ -155,16 +158,19 @@ class ModelRunner:
                 sample_jobs.append((s, st, len(rows)))
                 rows.extend(range(off + T - 1 - k, off + T))
             off += T
-        plan = StepPlan(spans, self.block_size, self.device, max_batched_query=self.max_batched_query,
-                        n_rep=self.n_rep)
-        if plan.max_position >= self.max_model_len:
-            raise RuntimeError(f"position {plan.max_position} >= max_model_len {self.max_model_len}")
+        max_position = max(s.start + s.num_tokens for s in spans) - 1
+        if max_position >= self.max_model_len:
+            raise RuntimeError(f"position {max_position} >= max_model_len {self.max_model_len}")
         input_ids = long_tensor(ids, self.device)
         logits_indices = long_tensor(rows, self.device)
-        logits = self.model(input_ids[None], kv_cache=PagedStep(self.pool, plan, logits_indices))[0]  # (L, V)
+        step = make_step(self.attention_backend, self.pool, spans, max_batched_query=self.max_batched_query,
+                         n_rep=self.n_rep, logits_indices=logits_indices)
+        logits = self.model(input_ids[None], kv_cache=step)[0]  # (L, V)
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
-        if self.proposer is not None:
+        if isinstance(self.proposer, DraftModelProposer):  # the draft's own pool follows the target's step
+            plan = step.plan if isinstance(step, PagedStep) else StepPlan(
+                spans, self.block_size, self.device, max_batched_query=self.max_batched_query, n_rep=self.n_rep)
             self.proposer.mirror(input_ids, plan)
 
         # Everything up to here is the same for every request (validated ids and positions): a failure

@@ -52,6 +52,7 @@ The clients run in the bench process; on a small machine they take CPU the serve
   python bench/serve_load.py --concurrency 32 --duration 30 --json-out serve.json
   python bench/serve_load.py --profile-server server.prof         # CPU profile of the server's event loop
   python bench/serve_load.py --soak 120                           # hostile soak: bench/serve_soak.py
+  python bench/serve_load.py --replicas --streams 32              # 2 replicas on PostgreSQL: serve_replicas.py
 """
 
 from __future__ import annotations
@@ -163,10 +164,11 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m muse serve` in a subprocess, its log in a file; `url`, `num_blocks`, `stop()`."""
 
-    def __init__(self, ckpt: Path, db: Path, workdir: Path, cfg: LoadConfig, admin_key: str):
+    def __init__(self, ckpt: Path, db: Path | str, workdir: Path, cfg: LoadConfig, admin_key: str, *,
+                 name: str = "server", extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "server.log"
+        self.log_path = workdir / f"{name}.log"
         env = {**os.environ, "MUSE_ADMIN_KEY": admin_key, "OMP_NUM_THREADS": str(cfg.threads),
                "MKL_NUM_THREADS": str(cfg.threads), "MUSE_LOG_LEVEL": "INFO", "MUSE_NO_PROGRESS": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
@@ -176,7 +178,8 @@ class ServerProcess:
                else ["-m", "muse"])
         cmd = [sys.executable, *run, "serve", str(ckpt), "--name", MODEL_NAME, "--db", str(db),
                "--port", str(self.port), "--device", cfg.device, "--max-num-seqs", str(max_num_seqs(cfg)),
-               "--log-level", "warning", "--grace", "5", "--engine-process" if cfg.engine_process else "--no-engine-process"]
+               "--log-level", "warning", "--grace", "5", "--engine-process" if cfg.engine_process else "--no-engine-process",
+               *extra]
         self._log = open(self.log_path, "wb")
         # its own session, unless asked otherwise: see "CPU budget" in the module docstring
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -660,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
         import serve_soak
 
         return serve_soak.main(["--duration", *argv[1:2], *argv[2:]] if argv[1:2] else argv[1:])
+    if argv[:1] == ["--replicas"]:  # replicas on one PostgreSQL database: serve_replicas.py (this file's pieces)
+        import serve_replicas
+
+        return serve_replicas.main(argv[1:])
     d = LoadConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=d.concurrency, help="streams per level")

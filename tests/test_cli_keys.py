@@ -13,6 +13,8 @@ from muse.server.keys import check_format
 from muse.server.records import UsageRecord
 from muse.server.store import AuthError, Store
 
+pytest_plugins = ["pg_kit"]   # the pg_cluster and pg_url fixtures: a real PostgreSQL
+
 
 def test_create_prints_the_key_once(muse):
     code, out, err = muse("keys", "create", "--partner", "acme", "--models", "small,large", "--rpm", "60",
@@ -150,12 +152,39 @@ def test_usage_summary_csv_and_json(muse):
 
 
 def test_a_database_url_is_one_line_and_creates_nothing(muse, tmp_path, monkeypatch):
-    # `--db postgresql://...` used to be taken as a relative path: it created ./postgresql:/host/...
+    # `--db postgresql://...` used to be taken as a relative path: it created ./postgresql:/host/...; now
+    # it is the PostgreSQL store, and a server nobody answers on is one line without the password
     monkeypatch.chdir(tmp_path)
-    url = "postgresql://muse:s3cret@db.internal:5432/muse"
+    url = "postgresql://muse:s3cret@127.0.0.1:1/muse"
     for argv in (["keys", "create", "--partner", "acme"], ["keys", "list"], ["usage"]):
         code, out, err = muse(*argv, "--db", url)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
-        assert "PostgreSQL store does not exist yet" in err and "pass a file path" in err
+        assert "cannot connect to the serving database postgresql://muse:***@127.0.0.1:1/muse" in err
         assert "s3cret" not in err
+    code, _, err = muse("keys", "list", "--db", "sqlite:///x.db")
+    assert code == 2 and "is a URL Muse cannot open" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_keys_and_usage_against_postgresql(muse, pg_url, monkeypatch):
+    """The same verbs on the PostgreSQL store (pg_kit.py): --db URL, and MUSE_SERVE_DB holding a URL."""
+    from muse.server.store import open_store
+
+    code, out, err = muse("keys", "create", "--partner", "acme", "--token-quota", "100", "--period", "day",
+                          "--db", pg_url)
+    key = out.strip()
+    assert code == 0 and check_format(key) and "postgresql://muse@" in err
+    monkeypatch.setenv("MUSE_SERVE_DB", pg_url)
+    code, out, _ = muse("keys", "list")
+    assert code == 0 and out.count("key_") == 1 and "100/day" in out
+    with open_store(pg_url, create=False) as s:
+        k = s.authenticate(key)
+        s.record(UsageRecord("req-1", k.key_id, "acme", "small", "completions", 7, 3, 0, "ok", 200, "stop",
+                             time.time(), 0.5, replica="a"))
+    code, out, _ = muse("keys", "rotate", k.key_id)
+    assert code == 0 and check_format(out.strip())
+    code, out, _ = muse("usage", "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and [(r["request_id"], r["total_tokens"], r["replica"]) for r in rows] == [("req-1", "10", "a")]
+    code, _, err = muse("usage", "--db", pg_url.rsplit("/", 1)[0] + "/missing")
+    assert code == 2 and "cannot connect" in err and "Traceback" not in err

@@ -29,7 +29,7 @@ def _rows(db, models, *, raw=False, now=None):
                 s.record(r)
     if raw:
         conn = sqlite3.connect(db)
-        conn.executemany("INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        conn.executemany("INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          [tuple(getattr(r, f) for f in UsageRecord.__dataclass_fields__) for r in recs])
         conn.commit()
         conn.close()

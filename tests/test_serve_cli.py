@@ -301,12 +301,18 @@ def test_one_database_serves_one_server(checkpoint, tmp_path, capsys):
         proc.communicate(timeout=60)
 
 
-def test_a_database_url_is_refused_until_that_store_exists(checkpoint, tmp_path, capsys, monkeypatch):
+def test_a_database_url_is_never_a_file_and_bad_ones_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["serve", str(checkpoint), "--db", "postgresql://u@localhost/muse"]) == 2
-    err = capsys.readouterr().err
-    assert "PostgreSQL" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert not any(tmp_path.iterdir())  # no directories were made from the URL
+    for url, words in (("postgresql://u:s3cret@127.0.0.1:1/muse", "cannot connect to the serving database "
+                                                                   "postgresql://u:***@127.0.0.1:1/muse"),
+                       ("mysql://u@localhost/muse", "is a URL Muse cannot open")):
+        assert main(["serve", str(checkpoint), "--db", url]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "s3cret" not in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert main(["serve", str(checkpoint), "--db", str(tmp_path / "x.sqlite3"), "--replica-name", "a"]) == 2
+    assert "PostgreSQL" in capsys.readouterr().err
+    assert not any(p.name != "x.sqlite3" for p in tmp_path.iterdir())  # no directories were made from a URL
 
 
 def _children(pid: int) -> list[int]:

@@ -640,13 +640,25 @@ def test_two_servers_on_one_database_are_refused(tmp_path):
     assert (tmp_path / "serve.sqlite3.serve.lock").exists()
 
 
-def test_a_url_is_refused_without_creating_anything(tmp_path, monkeypatch):
+def test_a_url_is_never_a_file_and_open_store_dispatches_on_it(tmp_path, monkeypatch):
+    from muse.server.store import open_store
+
     monkeypatch.chdir(tmp_path)
     for url in ("postgresql://muse:s3cret@db.internal/muse", "sqlite:///x.db", "https://example.com/db"):
-        with pytest.raises(StoreError, match=r"is a URL, but the PostgreSQL store does not exist yet .*; pass a file path") as e:
+        with pytest.raises(StoreError, match=r"is a URL, but this is the SQLite store, which takes a file path") as e:
             Store(url)
         assert "s3cret" not in str(e.value)                 # a URL may carry a password: never echoed
+    for url in ("sqlite:///x.db", "https://u:s3cret@example.com/db", "mysql://x"):
+        with pytest.raises(StoreError, match=r"is a URL Muse cannot open: pass a postgresql://") as e:
+            open_store(url)
+        assert "s3cret" not in str(e.value)
+    with pytest.raises(StoreError, match=r"cannot connect to the serving database postgresql://muse:\*\*\*@127.0.0.1:1/x") as e:
+        open_store("postgresql://muse:s3cret@127.0.0.1:1/x")   # nothing listens on port 1: PostgreSQL, refused
+    assert "s3cret" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+    s = open_store(tmp_path / "a.sqlite3")                   # a path: the SQLite store
+    assert isinstance(s, Store) and s.kind == "sqlite" and s.replicas() == []
+    s.close()
 
 
 # ------------------------------------------------------------------------------------- rotation
@@ -696,7 +708,7 @@ def test_a_version_1_database_is_upgraded_in_place_and_keeps_everything(tmp_path
     s = Store(path, clock=lambda: NOW + 1000)   # the asset's times are around NOW; key E expires a year later
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-    assert conn.execute("SELECT * FROM ledger ORDER BY request_id").fetchall() == old_rows
+    assert [r[:-1] for r in conn.execute("SELECT * FROM ledger ORDER BY request_id")] == old_rows  # + replica
     assert [r[:-1] for r in conn.execute("SELECT * FROM api_keys ORDER BY key_id")] == old_keys
     conn.close()
     fresh = tmp_path / "fresh.sqlite3"

@@ -5,7 +5,9 @@ sha256. Lists show the public key id ("key_..."), which is also what the usage l
 logs show. Revoking or rotating takes effect at once, also in a server that is already running.
 Limits: --rpm (requests/minute) and --tpm (tokens/minute, prompt + max_tokens reserved per request);
 --token-quota N --period day|month caps the tokens of each UTC calendar day or month. Times are UTC.
-The database is --db, else $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3 (~/.muse/serve.sqlite3).
+The database is --db, else $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3 (~/.muse/serve.sqlite3): an
+SQLite file, or the postgresql:// URL that several `muse serve` replicas share (a key works on every
+replica at once, and a revocation stops it on every replica from its next request).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def _positive_int(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.error = types.MethodType(_Parser.error, p)  # main builds a plain parser; give it one-line errors too
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", metavar="PATH",
-                        help="serving database (default $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3)")
+    common.add_argument("--db", metavar="PATH|URL",
+                        help="serving database: an SQLite file or a postgresql:// URL (default $MUSE_SERVE_DB, "
+                             "else $MUSE_HOME/serve.sqlite3)")
     common.add_argument("--json", action="store_true", help="print one JSON object")
     sub = p.add_subparsers(dest="action", required=True, metavar="{create,list,revoke,rotate}",
                            parser_class=_Parser)
@@ -87,9 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args, *, create: bool):
-    from muse.server.store import Store, default_db_path
+    from muse.server.store import open_store
 
-    return Store(args.db or default_db_path(), create=create)
+    return open_store(args.db, create=create)
 
 
 def _expires(text: str | None, now: float) -> float | None:
@@ -140,7 +143,7 @@ def _create(args, now: float) -> int:
         text, key = store.create_key(args.partner, models=models, rpm=args.rpm, tpm=args.tpm,
                                      token_quota=args.token_quota, period=args.period,
                                      expires_at=expires_at, now=now)
-    print(f"created {key.key_id} ({_describe(key)}) in {store.path}", file=sys.stderr)
+    print(f"created {key.key_id} ({_describe(key)}) in {store.where}", file=sys.stderr)
     print(_SHOWN_ONCE, file=sys.stderr)
     print(json.dumps({"key": text, **key.as_dict(now)}) if args.json else text)
     return 0

@@ -5,18 +5,24 @@ admin key (MUSE_ADMIN_KEY, or --admin-key-file). Each request is checked against
 rate limits and token quota and leaves exactly one row in the usage ledger (`muse usage`). On
 SIGTERM or Ctrl-C the server stops admitting, gives running requests --grace seconds, aborts the
 rest and flushes the ledger. Routes and error codes: docs/serving.md.
+
+One server keeps keys and ledger in an SQLite file. Several replicas behind a load balancer share a
+PostgreSQL database (--db postgresql://...): each has a --replica-name, quotas are exact across them,
+and the ledger, `muse usage` and the operator's pages cover every replica (docs/serving.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 
 EXAMPLES = """examples:
   muse keys create --partner acme --rpm 60          # prints a key once
   muse serve runs/speedrun --port 8000
   muse serve runs/big --name big --model small=runs/small --max-num-seqs 128
+  muse serve runs/speedrun --db postgresql://muse@db/muse --replica-name gpu0 --port 8000   # one of N replicas
   curl localhost:8000/v1/chat/completions -H "Authorization: Bearer $KEY" \\
        -H 'Content-Type: application/json' \\
        -d '{"model": "speedrun", "messages": [{"role": "user", "content": "Speak, friend."}]}'
@@ -32,8 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve another model under NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--db", metavar="PATH", help="keys and ledger (default $MUSE_SERVE_DB, else "
-                                                "$MUSE_HOME/serve.sqlite3)")
+    p.add_argument("--db", metavar="PATH|URL", help="keys and ledger: an SQLite file for one server, or a "
+                                                    "postgresql://USER@HOST/DB URL shared by several replicas "
+                                                    "(default $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3)")
+    p.add_argument("--replica-name", metavar="NAME",
+                   help="this server's name among the replicas of one PostgreSQL database: it labels ledger rows "
+                        "and metrics, and holds a lease no other live replica may share (default HOSTNAME-PORT)")
+    p.add_argument("--lease", type=float, default=None, metavar="S",
+                   help="PostgreSQL store: seconds a dead replica's quota holds keep counting before they are "
+                        "released and its running requests settled (default 15)")
     p.add_argument("--admin-key-file", metavar="PATH",
                    help="file holding the admin key (default: the MUSE_ADMIN_KEY environment variable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, auto (default)")
@@ -110,11 +123,20 @@ def run(args) -> int:
     from muse.infer.engine import Engine, EngineConfig
     from muse.infer.engine_process import EngineSpec
     from muse.server.app import ServedModel, ServerConfig, create_app, drain
-    from muse.server.store import Store, default_db_path
+    from muse.server.store import default_db_path, open_store, url_scheme
 
     log = get_logger("muse.server")
     db = args.db or default_db_path()  # a string as given: Path() would fold a URL's "//" and hide it
-    store = Store(db)
+    shared = url_scheme(db) is not None
+    if not shared and (args.replica_name or args.lease is not None):
+        raise UsageError("--replica-name and --lease are for replicas sharing a PostgreSQL database "
+                         "(--db postgresql://...); one server on an SQLite file needs neither")
+    if args.lease is not None and not args.lease > 0:
+        raise UsageError(f"--lease must be positive seconds, got {args.lease}")
+    replica = (args.replica_name or f"{socket.gethostname()}-{args.port}") if shared else None
+    if replica is not None and (len(replica) > 64 or not replica.isprintable() or not replica.strip()):
+        raise UsageError("--replica-name must be a short printable name (at most 64 characters), e.g. gpu0")
+    store = open_store(db, replica=replica, **({} if args.lease is None else {"lease_s": args.lease}))
     try:
         store.lock_for_server()
         recovered = store.recover_interrupted()
@@ -126,7 +148,7 @@ def run(args) -> int:
                     "as 'interrupted' with the tokens known at the crash (docs/serving.md)", recovered)
     if not store.list_keys():
         log.warning("no API keys in %s yet: every request will be refused; create one with "
-                    "`muse keys create --partner NAME%s`", db, f" --db {db}" if args.db else "")
+                    "`muse keys create --partner NAME%s`", store.where, f" --db {store.where}" if args.db else "")
     device = pick_device(args.device)
     served = []
     for name, path in pairs:
@@ -173,8 +195,9 @@ def run(args) -> int:
     # uvicorn's own deadline only covers writing out responses after the drain has accounted every job
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=10, access_log=False))
-    log.info("serving %s on http://%s:%d (keys and ledger: %s)%s", ", ".join(n for n, _ in pairs), args.host,
-             args.port, db, f"; web pages at http://{args.host}:{args.port}/ui/" if args.ui else "")
+    log.info("serving %s on http://%s:%d (keys and ledger: %s%s)%s", ", ".join(n for n, _ in pairs), args.host,
+             args.port, store.where, f", replica {replica}" if replica else "",
+             f"; web pages at http://{args.host}:{args.port}/ui/" if args.ui else "")
     try:
         server.run()
     finally:

@@ -3,7 +3,9 @@
 Reads the usage ledger of `muse serve` (one row per request, written by the server, also for requests
 the client abandoned: status "aborted" with the tokens generated until then). Prompt tokens include
 cached ones (prefix-cache hits); "cached" shows how many of them were. Times are UTC; --since is
-inclusive, --until exclusive. The database is --db, else $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3.
+inclusive, --until exclusive. The database is --db, else $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3;
+with several replicas on one PostgreSQL database (--db postgresql://...) the ledger is theirs together,
+and --csv's last column says which replica served each request.
 It can be read while the server runs; rows the server has not committed yet (at most a fraction of a
 second's worth) are not in it. Requests still running show status "running" with the tokens known so
 far; "interrupted" ones were running when a server died (billed prompt + tokens known at the crash).
@@ -35,7 +37,7 @@ EXAMPLES = """examples:
 
 CSV_COLUMNS = ["request_id", "created_at", "partner", "key_id", "model", "endpoint", "status", "http_status",
                "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens",
-               "latency_s", "ttft_s"]
+               "latency_s", "ttft_s", "replica"]
 _TOKEN_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens")
 
 
@@ -52,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", action="store_true", help="one CSV row per request on stdout, header first")
     out.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--db", metavar="PATH",
-                   help="serving database (default $MUSE_SERVE_DB, else $MUSE_HOME/serve.sqlite3)")
+    p.add_argument("--db", metavar="PATH|URL",
+                   help="serving database: an SQLite file or a postgresql:// URL (default $MUSE_SERVE_DB, "
+                        "else $MUSE_HOME/serve.sqlite3)")
 
 
 def _parse_when(text: str | None, flag: str, now: float) -> float | None:
@@ -108,7 +111,8 @@ def _write_csv(records) -> None:
         w.writerow([_csv_text(r.request_id), utc_iso(r.created_at), _csv_text(r.partner), _csv_text(r.key_id),
                     _csv_text(r.model), _csv_text(r.endpoint), _csv_text(r.status), r.http_status,
                     _csv_text(r.finish_reason), r.prompt_tokens, r.completion_tokens, r.cached_tokens,
-                    r.total_tokens, round(r.latency_s, 6), "" if r.ttft_s is None else round(r.ttft_s, 6)])
+                    r.total_tokens, round(r.latency_s, 6), "" if r.ttft_s is None else round(r.ttft_s, 6),
+                    _csv_text(r.replica)])
 
 
 def run(args) -> int:
@@ -130,14 +134,14 @@ def run(args) -> int:
 def _report(args) -> int:
     from muse.common.errors import closest
     from muse.server.records import utc_iso
-    from muse.server.store import Store, default_db_path
+    from muse.server.store import open_store
 
     now = time.time()
     since = _parse_when(args.since, "--since", now)
     until = _parse_when(args.until, "--until", now)
     if since is not None and until is not None and since >= until:
         raise UsageError(f"--since ({utc_iso(since)}) must be before --until ({utc_iso(until)})")
-    with Store(args.db or default_db_path(), create=False) as store:
+    with open_store(args.db, create=False) as store:
         if args.partner is not None:
             partners = {k.partner for k in store.list_keys(include_revoked=True)}
             if args.partner not in partners:

@@ -6,7 +6,8 @@ key management and live engine state.
     PATCH /admin/keys/{key_id}              set models, rpm, tpm, token_quota + period, expires_at
     POST  /admin/keys/{key_id}/revoke       revoke (at once, also for requests already authenticated next time)
     POST  /admin/keys/{key_id}/rotate       a new key with the same settings and quota owner; the old one revoked
-    GET   /admin/engine                     each engine's counters and gauges, for a live view
+    GET   /admin/engine                     each engine's counters and gauges, for a live view; with several
+                                            replicas, every replica's as of its last heartbeat
     GET   /admin/runs                       the served models' run directories for the dashboard (rundata.py)
 
 Operator credentials live in the store as sha256 hashes (admin_keys, Store.is_admin), like partner
@@ -37,8 +38,9 @@ from muse.server.records import ApiKey, UsageRecord, parse_utc, utc_iso
 from muse.server.routes import body_doc
 from muse.server.rundata import read_run
 from muse.server.serving import SafeJSONResponse, Serving
+from muse.server.sqlstore import AuthError
+from muse.server.sqlstore import SqlStore as Store
 from muse.server.state import AppState
-from muse.server.store import AuthError, Store
 
 USAGE_DAYS = 30          # /v1/usage covers this many UTC days (today included) unless ?days= says otherwise
 MAX_USAGE_DAYS = 92
@@ -277,10 +279,9 @@ def accounts_router(state: AppState, run_dirs: dict[str, str] | None = None) -> 
     @r.get("/admin/engine")
     async def engine(request: Request):
         admin(request)
-        snap = state.snapshot()
-        return SafeJSONResponse({"time": time.time(), "admission_waiting": snap["admission_waiting"],
-                                 "admission_running": state.admission.running, "healthy": state.healthy,
-                                 "models": snap["models"]})
+        # this server's state now, and every replica's as of its last heartbeat (PostgreSQL store; [] alone)
+        replicas = await asyncio.to_thread(store.replicas)
+        return SafeJSONResponse({**state.live_state(), "replicas": replicas})
 
     @r.get("/admin/runs")
     async def runs(request: Request):

@@ -33,8 +33,9 @@ from muse.server.metrics import ServerMetrics
 from muse.server.protocol import ApiError, invalid
 from muse.server.routes import openai_router
 from muse.server.serving import error_response, new_request_hex
+from muse.server.sqlstore import STORE_TIME
+from muse.server.sqlstore import SqlStore as Store
 from muse.server.state import AppState, ServedModel, ServerConfig
-from muse.server.store import Store
 from muse.server.ui import ui_router
 
 log = get_logger("muse.server")
@@ -65,11 +66,16 @@ class RequestContext:
                 msg = {**msg, "headers": [*msg.get("headers", ()), (b"x-request-id", st["request_id"].encode())]}
             await send(msg)
 
+        store_time = [0.0]
+        token = STORE_TIME.set(store_time)  # the store adds its wall time per call (sqlstore.timed)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            STORE_TIME.reset(token)
             route = scope.get("route")
             self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status or 500)).inc()
+            if store_time[0] > 0:
+                self.metrics.store_seconds.observe(store_time[0])
 
 
 def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig | None = None, *,
@@ -80,6 +86,8 @@ def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig
     config = config or ServerConfig()
     state = AppState(models, store, config, limiter, quotas)
     store.set_bootstrap_admin(config.admin_key)  # operator credentials are hashes in the store (accounts.py)
+    store.report_state(state.live_state)         # replicas publish it with their heartbeat (pgstore.py)
+    state.metrics.replica.labels(store.replica or "", store.kind).set(1)
 
     async def lifespan(app):
         state.loop = asyncio.get_running_loop()

@@ -1,6 +1,8 @@
 """The usage ledger's writer: one thread that owns the only ledger write connection and commits, in
 batches, the rows that `Store.begin`, `Store.progress` and `Store.record` hand it. It knows SQLite and
 UsageRecord; keys, quotas and HTTP are not its business (store.py reads the ledger, it only writes).
+The PostgreSQL store hands it its own `commit` and `database_error` (pgstore.py); the batching,
+retries and bounds below are the same for both.
 
 Rows, versions, and what a crash costs
 - A request's row is written when it is admitted (status "running": prompt tokens known, completion 0),
@@ -77,6 +79,15 @@ def write_txn(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def _sqlite_commit(conn: sqlite3.Connection, rows: list[UsageRecord]) -> list[str]:
+    dup = []
+    with write_txn(conn) as c:
+        for r in rows:
+            if c.execute(_UPSERT, [getattr(r, f) for f in REC_FIELDS]).rowcount == 0 and r.status != "running":
+                dup.append(r.request_id)
+    return dup
+
+
 def _database_error(e: BaseException) -> bool:
     """True for a failure of the database (retry the same rows later), False for one of a row."""
     from muse.server.store import StoreError  # connecting failed; store.py imports this module
@@ -116,9 +127,16 @@ class LedgerWriter:
     RETRY_ATTEMPTS = 64              # 0.05 s doubling to 5 s: ~6 s for the first 7 tries, then 5 s each
     STOP_ATTEMPTS = 3
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], clock: Callable[[], float] = time.time):
+    def __init__(self, connect: Callable[[], sqlite3.Connection], clock: Callable[[], float] = time.time, *,
+                 commit: Callable[[object, list[UsageRecord]], list[str]] | None = None,
+                 database_error: Callable[[BaseException], bool] | None = None):
+        """`commit(conn, rows)` writes rows in one transaction and returns the request ids of settled rows
+        it refused (already settled); `database_error(e)` says whether a failure is the database's (retry
+        the rows) or a row's. Both default to SQLite's."""
         self._connect = connect
         self._clock = clock
+        self._commit_rows = commit or _sqlite_commit
+        self._database_error = database_error or _database_error
         self._cv = threading.Condition()
         self._pending: dict[str, _Entry] = {}
         self._running: dict[str, UsageRecord] = {}  # this process's unsettled rows, latest version
@@ -294,7 +312,7 @@ class LedgerWriter:
             return conn, [("written", None)] * len(rows)
         except Exception as e:  # noqa: BLE001 - sorted below: the database's fault or a row's
             self.failures += 1
-            if conn is None or _database_error(e):
+            if conn is None or self._database_error(e):
                 log.error("ledger: committing %d rows failed (%s); keeping them to retry", len(rows), e)
                 return conn, [("held", e)] * len(rows)
             if len(rows) > 1:
@@ -303,13 +321,13 @@ class LedgerWriter:
         outcome: list[tuple[str, Exception | None]] = []
         for i, rec in enumerate(rows):
             error = first_error if len(rows) == 1 else self._try(conn, rec)
-            if error is not None and not _database_error(error):
+            if error is not None and not self._database_error(error):
                 error = self._try(conn, rec.cleaned())
                 if error is None:
                     log.warning("ledger: the row of request %s was refused and written sanitised", rec.request_id)
             if error is None:
                 outcome.append(("written", None))
-            elif _database_error(error):  # the database failed meanwhile: keep this row and the rest
+            elif self._database_error(error):  # the database failed meanwhile: keep this row and the rest
                 return conn, outcome + [("held", error)] * (len(rows) - i)
             else:
                 outcome.append(("dropped", error))
@@ -323,12 +341,8 @@ class LedgerWriter:
             return e
         return None
 
-    def _commit(self, conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
-        dup = []
-        with write_txn(conn) as c:
-            for r in rows:
-                if c.execute(_UPSERT, [getattr(r, f) for f in REC_FIELDS]).rowcount == 0 and r.status != "running":
-                    dup.append(r.request_id)
+    def _commit(self, conn, rows: list[UsageRecord]) -> None:
+        dup = self._commit_rows(conn, rows)
         self.commits += 1
         if dup:
             log.error("ledger: rows for %d request(s) already settled were ignored (a bug: one row per request): %s",

@@ -3,7 +3,8 @@
 Three gates, in the order the server applies them to a request that reserves `tokens` =
 prompt tokens + max_tokens * n:
 
-- `RateLimiter.acquire(key, tokens)`: OpenAI-style requests/min and tokens/min. Each limited dimension
+- `RateLimiter.acquire(key, tokens)`: OpenAI-style requests/min and tokens/min (with several replicas,
+  each enforces its share: limit // live replicas, pgstore.py says why). Each limited dimension
   of a key is a continuous token bucket: capacity = the per-minute limit, refilled at limit/60 per
   second, full when first seen. A request takes 1 from the requests bucket and `tokens` from the tokens
   bucket, both or neither. At the end `Grant.settle(actual)` gives the unused part of the token
@@ -25,7 +26,8 @@ tokens}`) are only sent for a dimension the key limits: an unlimited dimension g
 (OpenAI clients read a missing header as "no information", and a made-up huge limit would mislead).
 Durations are written like OpenAI's (Go's): "250ms", "1s", "1.5s", "6m0s".
 
-This module knows nothing about HTTP, SQLite or the engine. A key is anything with `key_id`, `rpm`,
+This module knows nothing about HTTP, SQLite or the engine; the quotas several replicas share are
+pgstore.SharedQuotas, with the same interface. A key is anything with `key_id`, `rpm`,
 `tpm`, `token_quota`, `period` and `period_start(now)` (records.ApiKey); keys of one owner share
 their period and quota (rotate copies them). Clocks are injectable:
 the rate limiter uses a monotonic clock, quotas wall-clock epoch seconds (periods are calendar ones).
@@ -226,10 +228,18 @@ class RateLimiter:
     buckets, so rotating a key does not hand out a fresh minute.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, share: Callable[[], int] | None = None):
+        """`share()`: how many replicas split each key's limits (pgstore.PgStore.live_replicas); each
+        bucket then holds limit // share (at least 1). None: this server alone enforces the whole limit."""
         self._clock = clock
+        self._share = share
         self._lock = threading.Lock()
         self._keys: dict[str, _KeyBuckets] = {}
+
+    def _part(self, limit: int | None) -> int | None:
+        if limit is None or self._share is None:
+            return limit
+        return max(1, limit // max(1, int(self._share())))
 
     def _buckets(self, key: ApiKey, now: float) -> _KeyBuckets:
         b = self._keys.get(key.key_id)
@@ -241,8 +251,8 @@ class RateLimiter:
             self._keys[key.key_id] = b
             if owner:
                 self._keys.setdefault(owner, b)
-        b.requests = _sync(b.requests, key.rpm, now)
-        b.tokens = _sync(b.tokens, key.tpm, now)
+        b.requests = _sync(b.requests, self._part(key.rpm), now)
+        b.tokens = _sync(b.tokens, self._part(key.tpm), now)
         return b
 
     def acquire(self, key: ApiKey, tokens: int) -> Grant:
@@ -410,8 +420,9 @@ class QuotaManager:
             self._owners[owner] = state
         return state
 
-    def reserve(self, key: ApiKey, tokens: int) -> Reservation | None:
-        """Hold `tokens` of the key owner's quota for one request, or raise QuotaExceeded. None: no quota."""
+    def reserve(self, key: ApiKey, tokens: int, request_id: str | None = None) -> Reservation | None:
+        """Hold `tokens` of the key owner's quota for one request, or raise QuotaExceeded. None: no quota.
+        `request_id` names the hold where holds are rows (pgstore.SharedQuotas); here it is not needed."""
         quota = key.token_quota
         if quota is None:
             return None

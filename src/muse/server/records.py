@@ -186,6 +186,7 @@ class UsageRecord:
     created_at: float             # when the request arrived
     latency_s: float
     ttft_s: float | None = None
+    replica: str | None = None    # the `muse serve --replica-name` that served it (None: one server alone)
 
     def __post_init__(self):
         # A bad row is a bug in the caller: fail at the call site, not later in the writer thread.
@@ -219,4 +220,4 @@ class UsageRecord:
         return dataclasses.replace(self, **changes) if changes else self
 
 
-_TEXT_FIELDS = ("key_id", "partner", "model", "endpoint", "finish_reason")
+_TEXT_FIELDS = ("key_id", "partner", "model", "endpoint", "finish_reason", "replica")

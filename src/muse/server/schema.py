@@ -15,6 +15,8 @@ History
   version-2 file (it does: it reads the version first).
 - 3: admin_keys, the operator credentials (sha256 hashes, like api_keys): the row "admin_bootstrap"
   mirrors the server's admin key (MUSE_ADMIN_KEY / --admin-key-file) at every start.
+- 4: ledger.replica, the `muse serve --replica-name` that served a request (NULL for one server alone);
+  the PostgreSQL store (pgschema.py) starts at this version, with the same tables plus its own.
 Stdlib only.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _V1 = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -102,7 +104,11 @@ def _to_v3(c: sqlite3.Connection) -> None:
     c.execute("CREATE UNIQUE INDEX admin_keys_hash ON admin_keys (key_hash)")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3}
+def _to_v4(c: sqlite3.Connection) -> None:
+    c.execute("ALTER TABLE ledger ADD COLUMN replica TEXT")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2, 3: _to_v3, 4: _to_v4}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 

@@ -260,11 +260,12 @@ class Serving:
         self.check_admitting()
         sequences = n * len(prompts)
         reserve = sum(len(p) for p in prompts) + params.max_tokens * sequences
+        request_id = f"{prefix}-{request.state.request_hex}"   # also the name of its quota hold (pgstore.py)
         reservation = None
         try:
             state.limiter.add_tokens(grant, reserve)
             request.state.rl_headers = grant.headers
-            reservation = state.quotas.reserve(key, reserve)
+            reservation = state.quotas.reserve(key, reserve, request_id=request_id)
             await state.admission.acquire(sequences)
         except LimitError as e:
             grant.settle(0)
@@ -282,7 +283,6 @@ class Serving:
             for j in range(n):
                 p = base if base.seed is None else dataclasses.replace(base, seed=base.seed + j)
                 choices.append(Choice(i * n + j, prompt, p, TextStream(served.tokenizer, stop)))
-        request_id = f"{prefix}-{request.state.request_hex}"
         request.state.request_id = request_id
         job = Job(state, key=key, model=served, endpoint=endpoint, request_id=request_id, choices=choices,
                   num_prompt_tokens=sum(len(p) for p in prompts), grant=grant, reservation=reservation,

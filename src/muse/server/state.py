@@ -23,7 +23,7 @@ from muse.infer.engine import Engine
 from muse.infer.engine_process import EngineProcessClient, EngineSpec
 from muse.server.limits import AdmissionQueue, QuotaManager, RateLimiter
 from muse.server.metrics import ServerMetrics
-from muse.server.store import Store
+from muse.server.sqlstore import SqlStore as Store
 from muse.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -87,8 +87,10 @@ class AppState:
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
         self.store, self.config = store, config
-        self.limiter = limiter or RateLimiter()
-        self.quotas = quotas or QuotaManager(store.chain_tokens_used, owner=store.quota_owner)
+        # one server: limits in this process; replicas on PostgreSQL: quotas in the database, rate limits
+        # a per-replica share (pgstore.py)
+        self.limiter = limiter or store.make_limiter()
+        self.quotas = quotas or store.make_quotas()
         self.admission = AdmissionQueue(config.max_running, config.max_waiting)
         self.metrics = ServerMetrics(self.snapshot)
         self.jobs: set[Job] = set()
@@ -99,6 +101,12 @@ class AppState:
         return {"admission_waiting": self.admission.waiting,
                 "models": {name: {**m.client.stats().as_dict(), "restarts": m.client.restarts}
                            for name, m in self.models.items()}}
+
+    def live_state(self) -> dict:
+        """What /admin/engine shows of this server, and what a replica publishes with its heartbeat."""
+        snap = self.snapshot()
+        return {"time": time.time(), "replica": self.store.replica, "admission_waiting": snap["admission_waiting"],
+                "admission_running": self.admission.running, "healthy": self.healthy, "models": snap["models"]}
 
     @property
     def healthy(self) -> bool:

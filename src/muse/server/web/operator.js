@@ -124,9 +124,21 @@
               fmt.int(s.num_generation_tokens), s.restarts];
     });
     last = now;
-    $("#engine").replaceChildren(
+    const parts = [
       el("div", {class: "muted", text: now.healthy ? "healthy" : "unhealthy: an engine is restarting or stopped"}),
-      table(["model", "tokens/s", "running", "waiting", "KV blocks in use", "prefix-cache hits", "tokens generated", "restarts"], rows));
+      table(["model", "tokens/s", "running", "waiting", "KV blocks in use", "prefix-cache hits", "tokens generated", "restarts"], rows)];
+    // several replicas on one PostgreSQL database: each one's state as of its last heartbeat
+    if (now.replicas && now.replicas.length) {
+      parts.push(el("div", {class: "muted", text: `replicas (this page is served by ${now.replica})`}),
+        table(["replica", "host", "pid", "lease", "heartbeat", "running", "waiting", "healthy"],
+          now.replicas.map((r) => {
+            const st = r.state || {};
+            return [r.name, r.host, r.pid, r.alive ? "live" : "expired", `${Math.max(0, now.time - r.heartbeat_at).toFixed(0)} s ago`,
+                    st.admission_running ?? "\u2013", st.admission_waiting ?? "\u2013",
+                    st.healthy === undefined ? "\u2013" : (st.healthy ? "yes" : "no")];
+          })));
+    }
+    $("#engine").replaceChildren(...parts);
   }
 
   async function loadUsage() {

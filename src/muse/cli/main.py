@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("muse.cli.eval", "score checkpoints and OpenAI-compatible endpoints side by side on tasks"),
     "dashboard": ("muse.cli.dashboard", "web dashboard of training runs: loss curves, throughput, eval, report"),
     "speedrun": ("muse.cli.speedrun", "the whole pipeline on the embedded corpus, with a report"),
+    "ladder": ("muse.cli.ladder", "scaling ladder: IsoFLOP runs, scaling-law fits, a predicted bigger run checked"),
 }
 
 

@@ -1,0 +1,151 @@
+"""`muse ladder` end to end on a tiny made-up corpus: the plan, the runs (separate `muse train` processes),
+resuming a killed ladder without retraining finished runs, `--jobs 2` == `--jobs 1`, and clear refusals.
+
+Each ladder here is 6 runs of width-64..192 models for a handful of steps (vocab 320, 32-token sequences);
+the processes are pinned to one torch thread so every run computes the same numbers however scheduled."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import make_corpus
+from muse.scaling.ladder import LadderConfig, _last_error, collect, plan_ladder, read_data
+
+ARGS = ["--budgets", "3e9,6e9", "--sizes", "1,2,3", "--seq-len", "32", "--batch-size", "4", "--min-steps", "3",
+        "--eval-batches", "4", "--resamples", "20", "--threads", "1"]
+# Each ladder test starts 6-8 `muse train` processes (~3 s of CPU each); a loaded 2-core machine can starve
+# them for minutes, beyond the suite's 300 s default.
+pytestmark = pytest.mark.timeout(900)
+CFG = LadderConfig(budgets=(3e9, 6e9), sizes=(1, 2, 3), seq_len=32, batch_size=4, min_steps=3, eval_batches=4)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A run directory with data/ from a made-up corpus big enough for a few hundred steps (vocab 320)."""
+    from muse.cli.main import main
+
+    root = tmp_path_factory.mktemp("ladder")
+    corpus = make_corpus(root / "corpus", n_docs=30, words_per_doc=1200)
+    run = root / "run"
+    assert main(["prepare", str(corpus), "--out", str(run), "--vocab-size", "320", "--val-fraction", "0.2"]) == 0
+    return run
+
+
+def _copy(prepared, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(prepared, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+    """The ladder trained with --jobs 1: its run directory and ladder.json."""
+    from muse.cli.main import main
+
+    run = tmp_path_factory.mktemp("ref") / "run"
+    shutil.copytree(prepared, run)
+    assert main(["ladder", str(run), *ARGS, "--jobs", "1"]) == 0
+    return run, json.loads((run / "ladder" / "ladder.json").read_text())
+
+
+def test_plan_spends_each_budget_and_names_what_it_leaves_out(prepared):
+    specs = plan_ladder(prepared, CFG)
+    assert [s.name for s in specs] == ["3e9-d1", "3e9-d2", "3e9-d3", "6e9-d1", "6e9-d2", "6e9-d3"]
+    for s in specs:
+        assert s.steps * 4 * 32 == s.tokens and s.flops == pytest.approx(s.tokens * s.flops_per_token)
+        assert abs(s.flops / s.budget - 1) <= 0.5 * 4 * 32 * s.flops_per_token / s.budget + 1e-12  # nearest step
+        assert not s.excluded
+    data = read_data(prepared)
+    wide = LadderConfig(budgets=(3e9, 6e9, 8e10), sizes=(1, 2, 3, 4), seq_len=32, batch_size=4, min_steps=3, eval_batches=4)
+    big = {s.name: s for s in plan_ladder(prepared, wide)}
+    assert big["8e10-d1"].excluded.startswith("beyond one epoch") and big["8e10-d1"].tokens > data.train_tokens
+    assert big["3e9-d4"].excluded.startswith("too short: 1 steps < --min-steps 3")
+    assert not big["8e10-d3"].excluded and not big["8e10-d4"].excluded
+
+
+def test_ladder_trains_fits_and_reports(reference):
+    run, ladder = reference
+    ok = [r for r in ladder["runs"] if r["status"] == "ok"]
+    assert len(ok) == 6 and all(r["val_loss"] > 0 for r in ok)
+    assert ladder["fits"]["parametric"]["runs"] == 6 and len(ladder["fits"]["isoflop"]) <= 2
+    for r in ok:  # ordinary run directories: a `muse train` checkpoint at the planned last step
+        assert (run / "ladder" / r["name"] / "base" / "latest").exists()
+        cfg = json.loads((run / "ladder" / r["name"] / "base" / "train_config.json").read_text())
+        assert cfg["total_steps"] == r["steps"] and cfg["model"]["n_layer"] == r["depth"]
+    for name in ("report.md", "isoflop.png", "envelope.png", "n_opt.png", "prediction.png"):
+        assert (run / "ladder" / name).stat().st_size > 0
+    assert "| 3e9-d1 |" in (run / "ladder" / "report.md").read_text()
+
+
+def test_jobs_2_gives_the_same_ladder_json(prepared, reference, tmp_path, muse):
+    run = _copy(prepared, tmp_path, "j2")
+    code, out, err = muse("ladder", str(run), *ARGS, "--jobs", "2")
+    assert code == 0, err
+    assert json.loads((run / "ladder" / "ladder.json").read_text()) == reference[1]
+
+
+def test_killed_ladder_resumes_without_retraining_finished_runs(prepared, reference, tmp_path, muse, monkeypatch):
+    run = _copy(prepared, tmp_path, "killed")
+    # The loop's fault hook stands in for a kill: every run with 40+ steps dies before step 40, after its
+    # checkpoints (d1: 50 and 100 steps, saved every 13 and 25); the d2 and d3 runs (3-16 steps) finish.
+    monkeypatch.setenv("MUSE_FAULT_AT_STEP", "40")
+    code, out, err = muse("ladder", str(run), *ARGS)
+    assert code == 1 and "2 ladder run(s) failed" in err and "3e9-d1" in err and "rerun the same command" in err
+    assert "Traceback" not in err
+    finished = {n: sorted(p.name for p in (run / "ladder" / n / "base").glob("step_*"))
+                for n in ("3e9-d2", "3e9-d3", "6e9-d2", "6e9-d3")}
+    mtimes = {n: (run / "ladder" / n / "base" / "metrics.jsonl").stat().st_mtime_ns for n in finished}
+    monkeypatch.delenv("MUSE_FAULT_AT_STEP")
+    code, out, err = muse("ladder", str(run), *ARGS)
+    assert code == 0, err
+    assert "(2 trained now, 4 kept)" in out
+    for n, steps in finished.items():  # untouched: no new checkpoint, no new metrics row
+        assert sorted(p.name for p in (run / "ladder" / n / "base").glob("step_*")) == steps
+        assert (run / "ladder" / n / "base" / "metrics.jsonl").stat().st_mtime_ns == mtimes[n]
+    for n in ("3e9-d1", "6e9-d1"):
+        assert "resumed from" in (run / "ladder" / n / "train.log").read_text()
+    assert json.loads((run / "ladder" / "ladder.json").read_text()) == reference[1]  # resumed exactly
+
+
+def test_print_commands_lists_the_runs_left(prepared, reference, tmp_path, muse):
+    run = _copy(prepared, tmp_path, "cmds")
+    code, out, err = muse("ladder", str(run), *ARGS, "--jobs", "2", "--print-commands")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 6 and all(ln.startswith("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 muse train ") for ln in lines)
+    assert "--max-steps" in lines[0] and (run / "ladder" / "3e9-d1" / "data" / "meta.json").exists()
+    code, out, err = muse("ladder", str(reference[0]), *ARGS, "--print-commands")
+    assert code == 0 and out.startswith("# every run is trained")
+
+
+def test_bad_ladders_are_refused_with_what_is_needed(prepared, tmp_path, muse):
+    run = _copy(prepared, tmp_path, "bad")
+    code, _, err = muse("ladder", str(run), "--budgets", "1e8,3e9", *ARGS[2:])
+    assert code == 2 and "budget 1e8 is too small for the smallest model (depth 1)" in err and "needs at least" in err
+    code, _, err = muse("ladder", str(run), "--budgets", "3e9,6e9", "--sizes", "1,2", *ARGS[4:])
+    assert code == 2 and "2 usable size(s)" in err and "needs at least 3" in err
+    code, _, err = muse("ladder", str(run), "--budgets", "6e9", *ARGS[2:])
+    assert code == 2 and "at least 2 compute budgets" in err
+    code, _, err = muse("ladder", str(run), "--budgets", "a,b", *ARGS[2:])
+    assert code == 2 and "--budgets expects" in err
+    code, _, err = muse("ladder", str(tmp_path / "nowhere"), *ARGS)
+    assert code == 2 and "muse prepare" in err
+    # a run directory made with other settings is not silently reused
+    (run / "ladder" / "3e9-d1").mkdir(parents=True)
+    (run / "ladder" / "3e9-d1" / "ladder_run.json").write_text(json.dumps({"depth": 1, "steps": 1}))
+    code, _, err = muse("ladder", str(run), *ARGS)
+    assert code == 2 and "was trained with other settings" in err and "--force" in err
+
+
+def test_a_diverged_run_is_excluded_and_named(prepared, tmp_path):
+    run = _copy(prepared, tmp_path, "div")
+    log = tmp_path / "train.log"
+    log.write_text("step 3 ...\nmuse train: error: loss became nan at step 3; stopped without saving\n")
+    assert _last_error(log) == "loss became nan at step 3; stopped without saving"
+    specs = plan_ladder(run, CFG)
+    (run / "ladder" / specs[0].name).mkdir(parents=True)
+    (run / "ladder" / specs[0].name / "diverged.txt").write_text("loss became nan at step 3\n")
+    rows = collect(run, specs, 320)
+    assert rows[0]["status"] == "diverged" and "loss became nan" in rows[0]["reason"]
+    assert all(r["status"] == "missing" for r in rows[1:])

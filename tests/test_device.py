@@ -64,6 +64,7 @@ def test_collective_backend_per_device(device_type, backend):
 
 
 def test_dtype_policy(monkeypatch):
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
     cpu = dev.dtype_policy("cpu")
     assert (cpu.param, cpu.compute, cpu.reduce, cpu.mixed) == ("float32", "float32", "float32", False)
     assert dev.dtype_policy("cpu", "bfloat16").compute == "bfloat16"
@@ -76,6 +77,68 @@ def test_dtype_policy(monkeypatch):
         dev.dtype_policy(torch.device("cuda"), "bfloat16")
     with pytest.raises(UsageError, match="--dtype"):
         dev.dtype_policy("cpu", "float16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, native):
+    """auto = bf16 autocast exactly where the CPU multiplies bf16 in hardware; the reason says so."""
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    auto = dev.dtype_policy("cpu")
+    assert auto.compute == ("bfloat16" if native else "float32") and auto.param == auto.reduce == "float32"
+    assert auto.mixed is native
+    assert auto.reason == ("auto: CPU with native bf16 matmul (AVX512-BF16/AMX)" if native
+                           else "auto: CPU without native bf16 matmul")
+    assert auto.describe().startswith("bfloat16 autocast (auto: " if native else "float32 (auto: ")
+    assert dev.device_info("cpu").autocast_dtype == ("bfloat16" if native else None)
+    pinned = dev.dtype_policy("cpu", "float32")  # what the golden-curve and resume tests ask for
+    assert (pinned.compute, pinned.reason) == ("float32", "--dtype float32")
+    forced = dev.dtype_policy("cpu", "bfloat16")
+    assert forced.compute == "bfloat16" and ("no native bf16" in forced.reason) is not native
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu vme avx512f avx512_vnni {extra} avx512_vpopcntdq
+bugs\t\t: sysret_ss_attrs avx512_bf16_lookalike
+"""
+
+
+@pytest.mark.parametrize("extra,want", [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx2", False)])
+def test_cpuinfo_flags(extra, want):
+    assert dev.cpuinfo_has_bf16(CPUINFO.format(extra=extra)) is want
+    assert dev.cpuinfo_has_bf16("") is False
+
+
+def test_native_bf16_detection(monkeypatch, tmp_path):
+    """torch's probes win when present; without them Linux x86 reads /proc/cpuinfo and every other
+    platform (macOS, ARM) says no."""
+    import builtins
+
+    real_open = builtins.open
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(extra="avx512_bf16"))
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+
+    def answer(probes, system="Linux", machine="x86_64"):
+        monkeypatch.setattr(dev, "_torch_cpu_probes", lambda: probes)
+        monkeypatch.setattr(dev.platform, "system", lambda: system)
+        monkeypatch.setattr(dev.platform, "machine", lambda: machine)
+        dev.cpu_has_native_bf16.cache_clear()
+        try:
+            return dev.cpu_has_native_bf16()
+        finally:
+            dev.cpu_has_native_bf16.cache_clear()
+
+    assert answer(True) is True and answer(False) is False  # the probes' word is final
+    assert answer(None) is True  # no probes: the flags
+    assert answer(None, "Darwin", "arm64") is False
+    assert answer(None, "Linux", "aarch64") is False
+    cpuinfo.write_text(CPUINFO.format(extra="avx2"))
+    assert answer(None) is False
+
+
+def test_torch_probes_answer_plainly():
+    assert dev._torch_cpu_probes() in (True, False, None)
 
 
 @pytest.mark.parametrize("name,flops", [
@@ -103,7 +166,8 @@ def test_peak_table_order_puts_specific_names_first():
             assert a not in b, f"{a!r} comes before {b!r} and would shadow it"
 
 
-def test_device_info_cpu_and_peak_override():
+def test_device_info_cpu_and_peak_override(monkeypatch):
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
     info = dev.device_info("cpu")
     assert info.type == "cpu" and info.peak_flops is None and info.dist_backend == "gloo"
     assert info.autocast_dtype is None

@@ -25,7 +25,8 @@ from muse.train.metrics import read_metrics
 
 TINY = ["--depth", "2", "--seq-len", "32", "--set", "model.d_model=64", "--set", "model.n_head=2",
         "--set", "model.n_kv_head=2", "--set", "log_every=1", "--eval-every", "10", "--set", "eval_batches=2",
-        "--device", "cpu", "--max-steps", "10", "--save-every", "5", "--seed", "7"]
+        "--device", "cpu", "--max-steps", "10", "--save-every", "5", "--seed", "7",
+        "--dtype", "float32"]  # REL below is an fp32 bound; `auto` is bf16 on CPUs with native bf16 matmul
 ACCUMULATE = ["--batch-size", "2", "--total-batch-tokens", "256", "--set", "eval_batches=4"]
 REL = 1e-5  # fp32, different reduction orders: the bound
 TIMEOUT = 150  # seconds per command; a hang fails the test instead of stalling CI

@@ -250,7 +250,8 @@ def test_after_updates_the_engine_samples_from_the_trained_weights(toy):
     path = task(SOME, 3, "(" + "|".join(SOME) + ")", n_train=8, words=12)
     cfg = load_grpo_config(None, {"tasks": (str(path),), "max_steps": 3, "group_size": 4, "prompts_per_step": 8,
                                   "device": "cpu", "eval_every": 0, "save_every": 0, "eval_prompts": 0,
-                                  "log_every": 1, "tensorboard": False, "plot": False},
+                                  "log_every": 1, "tensorboard": False, "plot": False,
+                                  "dtype": "float32"},  # the fp32 forward below is the reference
                            ["optim.name=adamw", "optim.lr=0.03"])
     loop = grpo_loop(cfg, run)
     loop.train()
@@ -293,7 +294,8 @@ def _cmd(run: Path, task: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "muse", "grpo", str(run), "--task", str(task), "--device", "cpu",
             "--group-size", "4", "--prompts-per-step", "4", "--max-steps", "20", "--save-every", "4",
             "--eval-every", "10", "--eval-prompts", "4", "--set", "log_every=1", "--set", "optim.name=adamw",
-            "--set", "optim.lr=0.003", "--set", "tensorboard=false", "--set", "plot=false", *extra]
+            "--set", "optim.lr=0.003", "--set", "tensorboard=false", "--set", "plot=false",
+            "--set", "dtype=float32", *extra]  # fp32 bounds; `auto` is bf16 on CPUs with native bf16 matmul
 
 
 @pytest.mark.slow

@@ -45,7 +45,9 @@ def tok():
 
 
 def _config(**kw) -> LoopConfig:
-    base = dict(device="cpu", seed=0, log_every=1, eval_every=0, save_every=0, tensorboard=False, plot=False)
+    # fp32: the references below are fp32 forwards (`auto` is bf16 on CPUs with native bf16 matmul)
+    base = dict(device="cpu", seed=0, log_every=1, eval_every=0, save_every=0, tensorboard=False, plot=False,
+                dtype="float32")
     return LoopConfig(**{**base, **kw})
 
 

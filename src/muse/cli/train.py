@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype: auto (default) = bf16 where the device has it, fp32 on cpu")
+                   help="compute dtype: auto (default) = bf16 where the device multiplies bf16 natively "
+                        "(GPUs, CPUs with AVX512-BF16/AMX), else fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block (default off; --no-compile overrides a config file)")
     p.add_argument("--nproc", type=int, help="processes to start on this node (torchrun standalone); default 1")

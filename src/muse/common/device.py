@@ -9,8 +9,11 @@ overrides. Under torchrun each process takes the accelerator of its LOCAL_RANK (
 (`torch.distributed.Backend.register_backend(..., devices=[name])`, e.g. hccl for npu).
 
 `dtype_policy(device, requested)` says which dtype the weights are kept in (fp32: the optimizer's master
-copy), which one the matmuls run in (bf16 where the device has bf16 autocast, else fp32) and which
-one gradients are reduced in across processes (fp32, so that averaging over many ranks loses nothing).
+copy), which one the matmuls run in (bf16 where the device has bf16 autocast, else fp32), which one
+gradients are reduced in across processes (fp32, so that averaging over many ranks loses nothing), and
+why (`reason`, for the run's log and report). On CPU, `auto` is bf16 autocast only where the CPU
+multiplies bf16 in hardware (`cpu_has_native_bf16`: AVX512-BF16 or AMX); elsewhere bf16 is emulated and
+slower than fp32.
 
 The peak table holds dense (no 2:4 sparsity) bf16 tensor-core FLOP/s and HBM bandwidth from the vendors'
 data sheets; MFU is model FLOPs divided by this peak. Unknown chips report no MFU unless `--peak-flops`
@@ -21,6 +24,8 @@ What it does not know: models, process groups, meshes (muse.distributed builds t
 
 from __future__ import annotations
 
+import functools
+import platform
 from dataclasses import dataclass
 
 from muse.common.errors import UsageError
@@ -56,6 +61,9 @@ PEAKS: list[tuple[str, float, float]] = [
 # Collective backends of the in-tree device types; PrivateUse1 plugins are looked up in torch's registry.
 _DIST_BACKENDS = {"cuda": "nccl", "xpu": "xccl", "cpu": "gloo", "mps": "gloo"}
 DTYPES = ("auto", "float32", "bfloat16")
+# x86 /proc/cpuinfo flags of a native bf16 dot product (AVX512-BF16) or bf16 tiles (AMX), for a torch
+# without its feature probes. ARM's bf16 (BFMMLA, Apple M2+, Graviton3) is not counted: not measured.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,12 @@ class DtypePolicy:
     param: str  # weights and optimizer state: "float32"
     compute: str  # matmuls (autocast / FSDP's param_dtype): "bfloat16" or "float32"
     reduce: str  # gradient reductions across processes: "float32"
+    reason: str = ""  # why compute is what it is, for the run's log and report
+
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. 'bfloat16 autocast (auto: CPU with native bf16 matmul)'."""
+        what = f"{self.compute} autocast" if self.mixed else self.compute
+        return f"{what} ({self.reason})" if self.reason else what
 
     @property
     def mixed(self) -> bool:
@@ -173,12 +187,61 @@ def dist_backend(device_type: str) -> str:
         return "gloo"
 
 
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """True when a /proc/cpuinfo text lists a native bf16 flag (CPU_BF16_FLAGS) on its `flags` lines."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and any(f in value.split() for f in CPU_BF16_FLAGS):
+            return True
+    return False
+
+
+def _torch_cpu_probes() -> bool | None:
+    """torch.cpu's feature probes (private, hence the guards): True/False, None where torch has none."""
+    import torch
+
+    answers = []
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        if fn is None:
+            continue
+        try:
+            answers.append(bool(fn()))
+        except RuntimeError:
+            continue
+    return any(answers) if answers else None
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles).
+
+    There oneDNN runs a bf16 matmul at ~2.3x the fp32 rate (a 2-vCPU AMD EPYC with AVX512-BF16: ~210
+    vs ~90 GFLOP/s per core); elsewhere bf16 is emulated and slower than fp32.
+    `torch.backends.cpu.get_cpu_capability()` says only "AVX512" on such a CPU, so ask torch.cpu's
+    probes; a torch without them falls back to /proc/cpuinfo (Linux x86). Anything else (macOS, ARM,
+    Windows without the probes) answers False: fp32 is the safe default there.
+    """
+    found = _torch_cpu_probes()
+    if found is not None:
+        return found
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpuinfo_has_bf16(f.read())
+    except OSError:
+        return False
+
+
 def _has_bf16_autocast(device) -> bool:
     import torch
 
     t = device.type
     if t == "cpu":
-        return False  # bf16 matmuls on CPU are slower than fp32 on most machines, and tests want fp32
+        # bf16 autocast pays only where bf16 is multiplied in hardware; measured to keep the loss curve
+        # (val bpb within 1% of fp32 over the speedrun, BENCHMARKS.md section 6)
+        return cpu_has_native_bf16()
     if t == "cuda":
         return torch.cuda.is_bf16_supported()  # V100 and older: no bf16 tensor cores
     check = getattr(torch.amp, "is_autocast_available", None)
@@ -197,14 +260,24 @@ def dtype_policy(device, requested: str = "auto") -> DtypePolicy:
     if requested not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
     if requested == "bfloat16" and device.type == "cpu":
-        compute = "bfloat16"  # allowed (CPU autocast supports bf16), just not the default
+        compute, reason = "bfloat16", "--dtype bfloat16"  # allowed everywhere (CPU autocast has bf16)
+        if not cpu_has_native_bf16():
+            reason += "; this CPU has no native bf16 matmul, fp32 is likely faster"
     elif requested == "bfloat16" and not _has_bf16_autocast(device):
         raise UsageError(f"--dtype bfloat16: {device.type} has no bf16 autocast here; use --dtype float32")
     elif requested == "auto":
         compute = "bfloat16" if _has_bf16_autocast(device) else "float32"
+        reason = "auto: " + _auto_reason(device, compute)
     else:
-        compute = requested
-    return DtypePolicy(param="float32", compute=compute, reduce="float32")
+        compute, reason = requested, f"--dtype {requested}"
+    return DtypePolicy(param="float32", compute=compute, reduce="float32", reason=reason)
+
+
+def _auto_reason(device, compute: str) -> str:
+    if device.type == "cpu":
+        return ("CPU with native bf16 matmul (AVX512-BF16/AMX)" if compute == "bfloat16"
+                else "CPU without native bf16 matmul")
+    return f"{device.type} has bf16 autocast" if compute == "bfloat16" else f"{device.type} has no bf16 autocast"
 
 
 def lookup_peak(name: str) -> tuple[float | None, float | None]:

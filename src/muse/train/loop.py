@@ -85,7 +85,7 @@ class LoopConfig:
     # runtime
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"  # auto = bf16 autocast on accelerators, fp32 on cpu
+    dtype: str = "auto"  # auto = bf16 autocast where the device multiplies bf16 natively, else fp32 (common.device)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # processes, FSDP/DDP, TP, AC, compile
     peak_flops: float = 0.0  # dense bf16 FLOP/s for chips missing from muse.common.device.PEAKS
     tensorboard: bool = True
@@ -331,15 +331,16 @@ class TrainLoop:
                 "train": cfg.to_dict(), "model": self.model_cfg.to_dict(), "stage": self.objective.stage,
                 "init_from": self._init_from(), "total_steps": self.plan.total_steps,
                 "tokens_per_step": self.plan.tokens_per_step, "grad_accum": self.plan.grad_accum,
-                "params": self.n_params, "device": self.info.name, "world_size": self.world,
+                "params": self.n_params, "device": self.info.name, "dtype": self.ctx.policy.describe(),
+                "world_size": self.world,
                 "mesh": {"dp": self.dp_size, "tp": self.world // self.dp_size} if self.mesh is not None else None,
             })
         where = self.info.name if self.world == 1 else (
             f"{self.world} x {self.info.name} ({cfg.parallel.mode}, dp {self.dp_size} x tp {self.world // self.dp_size})")
         per_step = f"{format_count(self.plan.tokens_per_step)} tokens" if self.plan.tokens_per_step else "batches"
-        log.info("%s: %s model, %s params, %d steps x %s (grad accum %d) on %s", self.objective.stage,
+        log.info("%s: %s model, %s params, %d steps x %s (grad accum %d) on %s, compute %s", self.objective.stage,
                  self.model_cfg.arch, format_count(self.n_params), self.plan.total_steps, per_step,
-                 self.plan.grad_accum, where)
+                 self.plan.grad_accum, where, self.ctx.policy.describe())
         return start
 
     def _train(self) -> TrainResult:

@@ -23,9 +23,9 @@ This module does not know about models, parameter names, schedules or process gr
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from muse.common.device import cpu_has_native_bf16
 
 # Quintic coefficients from the recipe: chosen to push every singular value in (0, 1] towards ~1 as fast
 # as possible in 5 steps (the slope at 0 is a = 3.4445), at the price of NOT converging to exactly 1.
@@ -68,22 +68,9 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     return X
 
 
-@functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True where this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX tiles).
-
-    There oneDNN runs a bf16 matmul at ~2.3x the fp32 rate (measured on a 2-vCPU AMD EPYC with
-    AVX512-BF16: ~210 vs ~90 GFLOP/s per core); elsewhere bf16 is emulated and slower than fp32.
-    `torch.backends.cpu.get_cpu_capability()` says only "AVX512" on such a CPU, so ask torch.cpu's
-    feature probes (private, hence the guards: an unknown answer means no).
-    """
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        try:
-            if getattr(torch.cpu, probe)():
-                return True
-        except (AttributeError, RuntimeError):
-            continue
-    return False
+    """True where this CPU multiplies bf16 matrices in hardware (muse.common.device.cpu_has_native_bf16)."""
+    return cpu_has_native_bf16()
 
 
 # On CPU, bf16 pays only for matrices this large (both sides). Measured, one thread, 5 steps: at 16 x 48

@@ -21,6 +21,12 @@ hits every row alike.
 
   python bench/train_cpu.py --data runs/sp --depth 6 --steps 30 --repeats 3 [--muse-args="--dtype bfloat16"]
   python bench/train_cpu.py --data runs/sp --interleaved --steps 12 --muse-args= --muse-args=--compile
+
+`--unfused` inside a variant's `--muse-args` (interleaved mode only; it is the bench's flag, not Muse's)
+runs that row with q/k/v and gate/up as separate matmuls (muse.model.layers.project's fusion switched off
+during its steps), so fused vs unfused projections compare in one process (Muse fuses under autocast):
+  python bench/train_cpu.py --data runs/sp --interleaved --threads 2 "--muse-args=--dtype bfloat16" \
+      "--muse-args=--dtype bfloat16 --unfused"
 """
 
 from __future__ import annotations
@@ -141,6 +147,21 @@ def _trainer_stepper(trainer):
     return one
 
 
+def _unfused(step):
+    """`step` with q/k/v and gate/up as separate matmuls (muse.model.layers.project's reference path)."""
+    from muse.model import layers
+
+    def one():
+        fuse = layers._fuse_projections
+        layers._fuse_projections = lambda x, linears: False
+        try:
+            step()
+        finally:
+            layers._fuse_projections = fuse
+
+    return one
+
+
 def interleaved(args, variants: list[str], vocab: int, d: int, h: int) -> None:
     """--interleaved: the baseline and each Muse variant take one step in turn in this process (Muse
     through its TrainLoop's own step function, built from the same flags as `muse train`), so drifting load
@@ -162,14 +183,16 @@ def interleaved(args, variants: list[str], vocab: int, d: int, h: int) -> None:
         run = Path(tmp.name) / f"run{i}"
         run.mkdir()
         os.symlink(data.resolve(), run / "data")
+        words = shlex.split(v)
         flags = parser.parse_args([str(run), "--depth", str(args.depth), "--seq-len", str(args.seq_len),
                                    "--batch-size", str(args.batch_size), "--max-steps", str(args.warmup + args.steps),
-                                   "--device", "cpu", *shlex.split(v)])
+                                   "--device", "cpu", *[w for w in words if w != "--unfused"]])
         trainer = pretraining_loop(train_cli.load_train_config(flags), run)
         # what TrainLoop.train() does before its loop, without checkpoints, metrics or evaluation
         trainer._prepare()
         trainer.model.train()
-        steppers[f"muse train {v}"] = _trainer_stepper(trainer)
+        step = _trainer_stepper(trainer)
+        steppers[f"muse train {v}"] = _unfused(step) if "--unfused" in words else step
     times: dict[str, list[float]] = {k: [] for k in steppers}
     for i in range(args.warmup + args.steps):
         for name, step in steppers.items():
@@ -207,6 +230,8 @@ def main():
                    help='extra flags for muse train, one Muse row each (repeatable), e.g. --muse-args=--compile')
     args = p.parse_args()
     variants = args.muse_args or [""]
+    if not args.interleaved and any("--unfused" in shlex.split(v) for v in variants):
+        p.error("--unfused rows need --interleaved (they swap a function inside this process)")
     if args.steps % args.warmup:
         p.error("--steps must be a multiple of --warmup (Muse logs one window every --warmup steps)")
     sys.path.insert(0, str(ROOT / "src"))

@@ -450,3 +450,112 @@ def test_gpt2_matches_hf_gpt2():
     torch.testing.assert_close(model(idx), hf(idx).logits.float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(model(idx, idx), F.cross_entropy(hf(idx).logits.flatten(0, 1), idx.flatten()),
                                atol=1e-5, rtol=1e-5)
+
+
+# ---- fused projections --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fused_projections_equal_separate_matmuls(name, monkeypatch):
+    """q/k/v and gate/up as one matmul each (forced on in fp32 here; the model fuses under autocast) give
+    the logits and gradients of the separate nn.Linears, the slow reference, to 1e-6: GQA + QK-norm +
+    tied, and GPT-2 with biases."""
+    from muse.model import layers
+
+    cfg = tiny(**VARIANTS[name])
+    idx, targets = tokens(), tokens(seed=2)
+    runs = []
+    for fuse in (True, False):
+        calls = []
+        monkeypatch.setattr(layers, "_fuse_projections", lambda x, linears, fuse=fuse, calls=calls: calls.append(1) or fuse)
+        model = built(cfg).train()
+        loss = model(idx, targets)
+        loss.backward()
+        runs.append((model(idx).detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        per_block = 1 if name == "gpt2" else 2  # attention's q/k/v, SwiGLU's gate/up
+        assert len(calls) == 2 * cfg.n_layer * per_block
+    (fused, fused_grads), (ref, ref_grads) = runs
+    torch.testing.assert_close(fused, ref, rtol=0, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(fused_grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_linear_equals_each_linear():
+    from torch import nn
+
+    from muse.model.layers import fused_linear
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        linears = (nn.Linear(16, 8, bias=bias), nn.Linear(16, 4, bias=bias), nn.Linear(16, 4, bias=bias))
+        x = torch.randn(2, 3, 16)
+        for got, m in zip(fused_linear(x, linears), linears):
+            torch.testing.assert_close(got, m(x), rtol=0, atol=1e-6)
+
+
+def test_projections_fuse_only_when_training_under_autocast_with_plain_weights():
+    """Fused where it measured faster: autograd on and autocast on. Not in fp32, not without autograd
+    (the engine's decode steps: the cat would copy more than the matmuls read), and not for tensor
+    parallelism's DTensor shards, whose nn.Linear forward carries TP's hooks (they see every call)."""
+    from torch import nn
+
+    from muse.model.layers import project
+
+    class Shard(torch.Tensor):  # stands in for DTensor: any tensor subclass
+        pass
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 6, bias=True), nn.Linear(8, 4, bias=True)
+    x = torch.randn(3, 5, 8)
+    calls = []
+    for m in (a, b):
+        m.register_forward_hook(lambda mod, inp, out: calls.append(mod))
+
+    def modules_called(autocast: bool, grad: bool) -> bool:
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
+            outs = project(x, (a, b))
+        assert [t.shape for t in outs] == [(3, 5, 6), (3, 5, 4)]
+        return calls == [a, b]
+
+    assert not modules_called(autocast=True, grad=True)  # one F.linear over the concatenated weights
+    assert modules_called(autocast=False, grad=True)
+    assert modules_called(autocast=True, grad=False)
+    b.weight = nn.Parameter(b.weight.detach().as_subclass(Shard))
+    assert modules_called(autocast=True, grad=True)
+
+
+def test_fused_training_step_under_bf16_autocast_matches_separate(monkeypatch):
+    """Under bf16 autocast (where the model fuses) the loss and gradients stay those of the separate
+    matmuls up to bf16 rounding."""
+    from muse.model import layers
+
+    cfg = tiny(n_kv_head=2, qk_norm=True)
+    idx, targets = tokens(), tokens(seed=2)
+    out = []
+    for fuse in (None, False):
+        if fuse is not None:
+            monkeypatch.setattr(layers, "_fuse_projections", lambda x, linears: False)
+        model = built(cfg).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, targets)
+        loss.backward()
+        out.append((loss.detach(), model.layers["0"].attention.wk.weight.grad.clone()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=5e-2, atol=5e-3)
+
+
+def test_fused_projections_keep_separate_parameters():
+    """Muon orthogonalises wq, wk, wv, w1 and w3 each on its own, and checkpoints name them: the fusion
+    adds no parameter and renames none, so a state_dict of separate weights loads strictly."""
+    cfg = tiny(n_kv_head=2)
+    src = built(cfg, seed=3)
+    names = set(dict(src.named_parameters()))
+    for w in ("wq", "wk", "wv", "wo"):
+        assert f"layers.0.attention.{w}.weight" in names
+    for w in ("w1", "w2", "w3"):
+        assert f"layers.1.feed_forward.{w}.weight" in names
+    assert not any("qkv" in n or "fused" in n for n in names)
+    dst = built(cfg, seed=4)
+    dst.load_state_dict({k: v.clone() for k, v in src.state_dict().items()}, strict=True)
+    torch.testing.assert_close(dst(tokens()), src(tokens()), rtol=0, atol=0)

@@ -22,6 +22,8 @@ def test_speedrun_writes_a_report_and_skips_finished_stages(tmp_path, capsys):
     assert "unigram baseline" in report and "![loss curve](base/loss.png)" in report
     assert (out / "base" / "loss.png").exists()
     assert first["steps"] == 4 and first["unigram_bpb"] > 2 and first["val_bpb"] > 0
+    assert first["dtype"].startswith(("bfloat16 autocast (auto: CPU with", "float32 (auto: CPU without"))
+    assert f"| compute dtype | {first['dtype']} |" in report  # which dtype `auto` chose, and why
     assert report.count("```") == 8  # three samples and how to serve it
     assert "## Evaluation" in report and "| which_play | acc |" in report  # muse eval of the final model
     assert "| quote_completion | 1000 |" in report  # its contamination check

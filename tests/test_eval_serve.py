@@ -119,4 +119,14 @@ def test_a_killed_eval_reruns_without_sending_a_request_twice(server, task_list,
     for task in task_list:
         assert resumed.data["results"][task.name]["served"]["metrics"] == \
             reference.data["results"][task.name]["served"]["metrics"]
-        assert resumed.records[("served", task.name)] == reference.records[("served", task.name)]
+        # Log-likelihoods agree to float tolerance, not bit for bit: the engine's attention backend
+        # ("auto") depends on how many sequences share a step, and the resumed run's batches differ.
+        for got, want in zip(resumed.records[("served", task.name)], reference.records[("served", task.name)],
+                             strict=True):
+            assert {k: v for k, v in got.items() if k not in ("logliks", "nll")} == \
+                {k: v for k, v in want.items() if k not in ("logliks", "nll")}
+            for field in ("logliks", "nll"):
+                if want.get(field) is None:
+                    assert got.get(field) is None
+                else:
+                    assert got[field] == pytest.approx(want[field], rel=1e-6, abs=1e-5), (task.name, field)

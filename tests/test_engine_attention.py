@@ -17,6 +17,7 @@ from muse.infer.sampling_params import SamplingParams
 from muse.infer.seq_attention import AUTO_MAX_SEQS, SequenceStep, make_step
 from muse.infer.spec_decode import SpeculativeConfig
 from muse.model import ModelConfig, build_model
+from test_engine import run_engine
 
 V = 101
 BACKENDS = ("paged-reference", "paged-contiguous")  # "auto" mixes the two step by step
@@ -114,20 +115,9 @@ def requests(seed=0, n=24):
     return out
 
 
-def run(engine: Engine, reqs, max_steps=3000):
-    outs, step, pending = {}, 0, sorted(reqs, key=lambda r: r[3])
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][3] <= step:
-            rid, prompt, params, _ = pending.pop(0)
-            engine.add_request(rid, prompt, params)
-        for out in engine.step():
-            if out.finished:
-                outs[out.request_id] = out
-        step += 1
-        assert step < max_steps
-    engine.scheduler.check_invariants()
-    assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
-    return outs
+def run(engine: Engine, reqs):
+    """Every request to the end, the scheduler's invariants checked after each step (test_engine.run_engine)."""
+    return run_engine(engine, reqs, max_steps=3000)
 
 
 def assert_same_outputs(a, b):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import openai
 import torch
 import uvicorn
@@ -78,3 +79,26 @@ class Server(Live):
         self.store.flush()
 
 
+def stream_until(url, auth, n_chunks, holder: list, max_tokens=1000, model="long") -> threading.Thread:
+    """Start a long stream of `model` at the server `url` in a thread and return once `n_chunks` lines
+    arrived (or the stream ended); the thread appends its status code, then its lines (or the transport
+    error) to `holder`, and keeps reading."""
+    started = threading.Event()
+
+    def run():
+        body = {"model": model, "prompt": [5, 6, 7], "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as resp:
+                holder.append(resp.status_code)
+                for line in resp.iter_lines():
+                    holder.append(line)
+                    if len(holder) > n_chunks:
+                        started.set()
+        except httpx.TransportError as e:
+            holder.append(e)
+        finally:
+            started.set()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(60)
+    return t

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 from muse.cli.main import main
 from muse.server.store import open_store
+from server_kit import stream_until
 
 pytest_plugins = ["pg_kit"]   # the pg_cluster and pg_url fixtures: a real PostgreSQL
 
@@ -141,21 +141,6 @@ def test_fifty_requests_on_two_replicas_spend_exactly_the_quota(replicas, pg_url
     assert main(["keys", "list", "--db", pg_url]) == 0 and k.key_id in capsys.readouterr().out
 
 
-def _stream(url, auth, holder: list, started: threading.Event, max_tokens=1000):
-    body = {"model": "long", "prompt": [5, 6, 7], "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-    try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as resp:
-            holder.append(resp.status_code)
-            for line in resp.iter_lines():
-                holder.append(line)
-                if len(holder) > 20:
-                    started.set()
-    except httpx.TransportError as e:
-        holder.append(e)
-    finally:
-        started.set()
-
-
 def test_a_replica_killed_mid_stream_releases_its_holds_within_the_lease(replicas, pg_url):
     """Two streams of 1,000 tokens run on replica a, holding 2 x 1,003 of a 2,100-token quota; a is
     SIGKILLed. b refuses a request of 100 tokens while a's holds are live, admits it once a's lease
@@ -166,11 +151,8 @@ def test_a_replica_killed_mid_stream_releases_its_holds_within_the_lease(replica
         key, k = store.create_key("acme", token_quota=2100, period="day")
     auth = {"Authorization": f"Bearer {key}"}
     holders = [[] for _ in range(2)]
-    events = [threading.Event() for _ in range(2)]
-    threads = [threading.Thread(target=_stream, args=(a.url, auth, h, e), daemon=True) for h, e in zip(holders, events)]
-    for t in threads:
-        t.start()
-    assert all(e.wait(60) for e in events) and all(h[0] == 200 for h in holders), holders
+    threads = [stream_until(a.url, auth, 20, h) for h in holders]
+    assert all(h[0] == 200 for h in holders), holders
     with open_store(pg_url, create=False) as peek:
         _until(lambda: (lambda rows: len(rows) == 2 and all(r.completion_tokens for r in rows))(
             [r for r in peek.usage() if r.status == "running"]), "running rows with progress never reached the ledger")

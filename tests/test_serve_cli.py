@@ -19,6 +19,7 @@ import pytest
 
 from muse.cli.main import main
 from muse.server.store import Store
+from server_kit import stream_until
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(180)]
 
@@ -187,31 +188,6 @@ def long_checkpoint(save_tiny_checkpoint):
     return save_tiny_checkpoint("long", n_layer=4, d_model=128, max_seq_len=1024)
 
 
-def _stream_until(url, auth, n_chunks, holder: list, max_tokens=1000):
-    """Start a long stream in a thread; it appends its lines to `holder` and keeps reading."""
-    import threading
-
-    started = threading.Event()
-
-    def run():
-        body = {"model": "long", "prompt": [5, 6, 7], "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-        try:
-            with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as resp:
-                holder.append(resp.status_code)
-                for line in resp.iter_lines():
-                    holder.append(line)
-                    if len(holder) > n_chunks:
-                        started.set()
-        except httpx.TransportError as e:
-            holder.append(e)
-        finally:
-            started.set()
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert started.wait(60)
-    return t
-
-
 def test_a_crash_leaves_every_request_in_flight_in_the_ledger(long_checkpoint, tmp_path):
     """SIGKILL while 4 streams run: after the restart each has a row, "interrupted", billed what the
     ledger knew (its prompt, and the completion tokens of its last recorded progress)."""
@@ -222,7 +198,7 @@ def test_a_crash_leaves_every_request_in_flight_in_the_ledger(long_checkpoint, t
     proc, url = _start(long_checkpoint, db)
     holders = [[] for _ in range(4)]
     try:
-        threads = [_stream_until(url, auth, 20, h) for h in holders]
+        threads = [stream_until(url, auth, 20, h) for h in holders]
         deadline = time.monotonic() + 30
         while True:  # the 4 running rows and some progress are on disk (the writer commits within ~1 s)
             with Store(db, create=False) as peek:
@@ -261,7 +237,7 @@ def test_a_drain_answers_503_and_aborts_what_outlives_the_grace(long_checkpoint,
     proc, url = _start(long_checkpoint, db, "--grace", "0.5")
     try:
         stream = []
-        st = _stream_until(url, auth, 3, stream)
+        st = stream_until(url, auth, 3, stream)
         plain = []
         pt = threading.Thread(target=lambda: plain.append(httpx.post(
             url + "/v1/completions", headers=auth, timeout=60,
@@ -338,7 +314,7 @@ def test_the_server_restarts_a_killed_engine_process(long_checkpoint, tmp_path):
     proc, url = _start(long_checkpoint, db)
     try:
         stream = []
-        t = _stream_until(url, auth, 3, stream)
+        t = stream_until(url, auth, 3, stream)
         (engine_pid,) = _children(proc.pid)
         os.kill(engine_pid, signal.SIGKILL)
         t.join(30)

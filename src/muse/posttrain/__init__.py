@@ -1,5 +1,6 @@
 """muse.posttrain: post-training stages as objectives on the one training loop (muse.train.loop).
 
+start.py (where a stage starts: checkpoint, tokenizer, model config, sequence length),
 sft.py (the SFT objective and its config), mixture.py (SFT data mixtures: chat files, task train splits,
 identity, a share of pretraining text), taskscore.py (greedy task scores of a chat model),
 preference.py (preference pairs), rm.py (the reward model and its reward function), dpo.py (DPO, IPO,

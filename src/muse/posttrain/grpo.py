@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import muse.tasks as tasks_lib
-from muse.checkpoint import latest_stage, load_model_state, read_config, resolve_checkpoint
+from muse.checkpoint import latest_stage, load_model_state
 from muse.common.errors import ConfigError, DataError, UsageError
 from muse.common.logging import get_logger
 from muse.data.chat import collate
@@ -79,7 +79,8 @@ from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig, build_model
 from muse.posttrain.rewards import RewardFunction, Rollout, build_reward, reward_errors
 from muse.posttrain.rollout import Completion, Rollouts
-from muse.tokenizer import END_ID, EOT_ID, Tokenizer, render_prompt
+from muse.posttrain.start import open_start
+from muse.tokenizer import END_ID, EOT_ID, render_prompt
 from muse.tokenizer.text import TextStream
 from muse.train.config import layer_overrides
 from muse.train.loop import LoopConfig, TrainLoop
@@ -237,9 +238,8 @@ class GRPO(Objective):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.tasks = load_tasks(cfg.tasks)
         self.reward = reward if reward is not None else build_reward(list(cfg.rewards), self.tasks)
-        self.init_from = resolve_checkpoint(cfg.init_from or self.run_dir, stages=self._start_stages())
-        self.tokenizer = Tokenizer.from_file(self.init_from / "tokenizer.json")
-        self._model_cfg = ModelConfig.from_dict(read_config(self.init_from))
+        self.init_from, self.tokenizer, self._model_cfg = open_start(cfg.init_from or self.run_dir,
+                                                                     self._start_stages())
         context = self._model_cfg.max_seq_len
         self.max_new_tokens = cfg.max_new_tokens or max(t.generation.max_tokens for t in self.tasks.values())
         if self.max_new_tokens >= context:

@@ -59,12 +59,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from muse.checkpoint import read_config, resolve_checkpoint
 from muse.common.errors import ConfigError, DataError, TokenizerError
 from muse.common.logging import get_logger
 from muse.data.chat import MixtureStream, check_messages, collate, read_jsonl_objects
 from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig
+from muse.posttrain.start import open_start, train_seq_len
 from muse.tokenizer import END_ID, PAD_ID, Tokenizer, render_prompt
 from muse.train.loop import LoopConfig
 from muse.train.objective import Objective, Plan
@@ -357,13 +357,8 @@ class PairObjective(Objective):
 
     def __init__(self, cfg: PairConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.init_from = resolve_checkpoint(cfg.init_from or self.run_dir, stages=("sft", "base"))
-        self.tokenizer = Tokenizer.from_file(self.init_from / "tokenizer.json")
-        self._model_cfg = ModelConfig.from_dict(read_config(self.init_from))
-        ctx = self._model_cfg.max_seq_len
-        self.seq_len = cfg.seq_len or ctx
-        if self.seq_len > ctx:
-            raise ConfigError(f"seq_len {self.seq_len} is beyond the model's context ({ctx}); lower --seq-len")
+        self.init_from, self.tokenizer, self._model_cfg = open_start(cfg.init_from or self.run_dir, ("sft", "base"))
+        self.seq_len = train_seq_len(cfg.seq_len, self._model_cfg)
         # Rendered here, before any process starts: a bad file fails fast, and once.
         self.data = build_preference_data(cfg.data, self.tokenizer, max_len=self.seq_len + 1,
                                           val_fraction=cfg.val_fraction, eval_pairs=cfg.eval_pairs)

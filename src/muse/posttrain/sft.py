@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from muse.checkpoint import load_model_state, read_config, resolve_checkpoint
+from muse.checkpoint import load_model_state
 from muse.common.errors import ConfigError
 from muse.common.logging import get_logger
 from muse.data import bytes_per_token
@@ -39,7 +39,7 @@ from muse.data.chat import MixtureStream, collate
 from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig, build_model
 from muse.posttrain.mixture import build_mixture, matching_data_dir, mixture_specs
-from muse.tokenizer import Tokenizer
+from muse.posttrain.start import open_start, train_seq_len
 from muse.train.config import layer_overrides
 from muse.train.loop import LoopConfig, TrainLoop
 from muse.train.objective import LoopContext, MicroBatch, Objective, Plan
@@ -94,13 +94,8 @@ class SFT(Objective):
     def __init__(self, cfg: SFTConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         # The base of the run unless told otherwise; verified (hashed) once, here.
-        self.init_from = resolve_checkpoint(cfg.init_from or self.run_dir, stages=("base",))
-        self.tokenizer = Tokenizer.from_file(self.init_from / "tokenizer.json")
-        self._model_cfg = ModelConfig.from_dict(read_config(self.init_from))
-        ctx = self._model_cfg.max_seq_len
-        self.seq_len = cfg.seq_len or ctx
-        if self.seq_len > ctx:
-            raise ConfigError(f"seq_len {self.seq_len} is beyond the model's context ({ctx}); lower --seq-len")
+        self.init_from, self.tokenizer, self._model_cfg = open_start(cfg.init_from or self.run_dir, ("base",))
+        self.seq_len = train_seq_len(cfg.seq_len, self._model_cfg)
         self.data_dir = matching_data_dir(self.run_dir, self.tokenizer)
         # Rendering everything here, before any process starts, makes a bad file fail fast (and once).
         self.mixture = build_mixture(

@@ -325,3 +325,10 @@ def test_micro_batches_must_divide_over_processes(sft_run, capsys):
     run, chats = sft_run
     assert main(["sft", str(run), "--data", str(chats), *TINY, "--nproc", "2", "--micro-batches", "3"]) == 2
     assert "multiple of the 2 data-parallel" in capsys.readouterr().err
+
+
+def test_a_seq_len_beyond_the_context_is_one_line(sft_run, capsys):
+    run, chats = sft_run
+    assert main(["sft", str(run), "--data", str(chats), *TINY, "--seq-len", "100000", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "seq_len 100000 is beyond the model's context" in err and "--seq-len" in err

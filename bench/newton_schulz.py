@@ -10,7 +10,7 @@ default, so the time a thread waits for a core is left out):
   plain fp32 / bf16     the same iteration with the scale-and-adds as separate elementwise passes, the
                         formulation the recipe writes down (the baseline)
 
-bf16 pays only on CPUs that multiply bf16 in hardware (AVX512-BF16 or AMX); `muon.cpu_has_fast_bf16()`
+bf16 pays only on CPUs that multiply bf16 in hardware (AVX512-BF16 or AMX); `muse.common.device.cpu_has_native_bf16()`
 says whether this one does, and Muon's "auto" picks bf16 only then (docs/optim.md).
 
   python bench/newton_schulz.py --depth 6
@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from muse.common.device import cpu_has_native_bf16  # noqa: E402
 from muse.model import ModelConfig  # noqa: E402
-from muse.train.muon import NS_COEFFS, cpu_has_fast_bf16, zeropower_via_newtonschulz5  # noqa: E402
+from muse.train.muon import NS_COEFFS, zeropower_via_newtonschulz5  # noqa: E402
 
 
 def plain_newtonschulz(G: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(times["plain float32"])
     print(f"depth {args.depth} (d_model {cfg.d_model}, d_ff {cfg.d_ff}): {sum(s.size(0) for s in stacks)} matrices "
           f"in {len(stacks)} shapes; {args.steps} iterations; torch {torch.__version__}, {args.threads} thread(s); "
-          f"native bf16 matmul: {cpu_has_fast_bf16()}; max |baddbmm - plain| in fp32: {gap:.1e}")
+          f"native bf16 matmul: {cpu_has_native_bf16()}; max |baddbmm - plain| in fp32: {gap:.1e}")
     print("| variant | s per optimizer step (median) | vs plain fp32 |")
     print("|---|---:|---:|")
     for name, ts in times.items():

@@ -116,7 +116,7 @@ def test_newton_schulz_any_leading_dims_equal_one_batch():
 def test_auto_newton_schulz_dtype_on_cpu_follows_native_bf16(monkeypatch, fast):
     from muse.train import muon
 
-    monkeypatch.setattr(muon, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(muon, "cpu_has_native_bf16", lambda: fast)
     cpu, big = torch.device("cpu"), (muon.CPU_BF16_MIN_DIM, muon.CPU_BF16_MIN_DIM + 32)
     assert muon._ns_dtype("auto", cpu, big) == (torch.bfloat16 if fast else torch.float32)
     assert muon._ns_dtype("auto", cpu, (muon.CPU_BF16_MIN_DIM - 1, 512)) == torch.float32  # small: fp32 is faster
@@ -135,10 +135,10 @@ def test_auto_newton_schulz_dtype_on_cpu_follows_native_bf16(monkeypatch, fast):
     assert (1e-3 < err < 6e-2) if fast else err < 1e-4
 
 
-def test_cpu_has_fast_bf16_is_a_plain_answer():
-    from muse.train.muon import cpu_has_fast_bf16
+def test_cpu_has_native_bf16_is_a_plain_answer():
+    from muse.common.device import cpu_has_native_bf16
 
-    assert cpu_has_fast_bf16() in (True, False)
+    assert cpu_has_native_bf16() in (True, False)
 
 
 # ---------------------------------------------------------------- Muon step vs reference

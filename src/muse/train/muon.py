@@ -68,11 +68,6 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     return X
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where this CPU multiplies bf16 matrices in hardware (muse.common.device.cpu_has_native_bf16)."""
-    return cpu_has_native_bf16()
-
-
 # On CPU, bf16 pays only for matrices this large (both sides). Measured, one thread, 5 steps: at 16 x 48
 # bf16 takes 4x the fp32 time (oneDNN's per-call setup), at 64 x 64 they are even, from 128 x 128 on bf16
 # is 2x faster. Under load it is worse for small ones: oneDNN splits even a tiny bf16 matmul over every
@@ -88,7 +83,7 @@ def _ns_dtype(name: str, device: torch.device, shape: tuple[int, ...] = ()) -> t
         # section 2); on other CPUs bf16 is emulated and slow, and small matrices are faster in fp32.
         if device.type == "cuda":
             return torch.bfloat16
-        if device.type == "cpu" and min(shape, default=0) >= CPU_BF16_MIN_DIM and cpu_has_fast_bf16():
+        if device.type == "cpu" and min(shape, default=0) >= CPU_BF16_MIN_DIM and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]

@@ -17,10 +17,17 @@ otherwise be starved by the bench's clients).
 Every request is serve_load.py's (random prompt, ignore_eos, fixed max_tokens), on a key with a token
 quota (so each request reserves and settles quota in the database) and no rate limits. The store's time
 per request is the server's own histogram `muse_store_seconds_per_request` (app.RequestContext sums
-the wall time of every store call an HTTP request makes: authenticate, quota reservation, ledger
-hand-off); its buckets have bounds at 2 ms and 10 ms, so "p50 <= 2 ms" and "p99 <= 10 ms" are read off
-exactly (the fraction of requests at or under the bound), and p50/p99 are interpolated in the bucket.
-The ledger writer's commits are not in it: they run in the writer's thread, off the request path.
+the wall time of every store call an HTTP request makes, each from before it asks for a connection
+until its result is in hand: the key, the admission (PostgreSQL: the key's check and the quota
+reservation in one round trip), the ledger hand-off); its buckets have bounds at 2 ms and 10 ms, so
+"p50 <= 2 ms" and "p99 <= 10 ms" are read off exactly (the fraction of requests at or under the bound),
+and p50/p99 are interpolated in the bucket. `muse_store_op_seconds{op}` splits it by operation (the
+second table). The ledger writer's commits are not in it: they run in the writer's thread, off the
+request path.
+
+While the replicas run, a control measures the round-trip floor in the same seconds (RoundTripProbe:
+`SELECT 1` every 10 ms from a process that does nothing else): what reaching PostgreSQL costs on the
+machine at that moment, whatever a store does.
 
 Checks (any FAIL: exit 1): after each phase the ledger's token sums (read from the database, all
 replicas together) equal the sums of the engines' counters; no request is left "running" and no
@@ -72,6 +79,7 @@ from serve_load import (  # noqa: E402
 )
 
 HIST = "muse_store_seconds_per_request"
+OP_HIST = "muse_store_op_seconds"
 P50_GOAL_S, P99_GOAL_S = 0.002, 0.010
 QUOTA = 10**12       # large: every request reserves and settles in the database, none is refused
 
@@ -146,16 +154,62 @@ class ThrowawayPostgres:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+# ---- the round-trip floor ------------------------------------------------------------------------------
+
+# A control measured in the same run: `SELECT 1` every 10 ms from a process that does nothing else, in
+# a session of its own at the bench's priority. No store does less per round trip, so its latency is
+# what this machine charges for reaching PostgreSQL at that moment (the database's and the caller's
+# wake-ups under the load), whatever the store's own work.
+PING_SCRIPT = r"""
+import json, signal, sys, time
+import psycopg
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+lat = []
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    print("ready", flush=True)
+    while not stop:
+        t0 = time.perf_counter()
+        conn.execute("SELECT 1").fetchone()
+        lat.append((time.time(), time.perf_counter() - t0))
+        time.sleep(0.01)
+print(json.dumps(lat))
+"""
+
+
+class RoundTripProbe:
+    """PING_SCRIPT in a subprocess, connected when the constructor returns; stop(since, until) -> the
+    round trips that started in that window (wall clock): {count, p50_ms, p99_ms, max_ms}."""
+
+    def __init__(self, url: str):
+        self.proc = subprocess.Popen([sys.executable, "-c", PING_SCRIPT, url], stdout=subprocess.PIPE,
+                                     start_new_session=True)
+        share_priority(self.proc.pid)
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"the round-trip probe could not connect to PostgreSQL (exit {self.proc.wait()})")
+
+    def stop(self, since: float, until: float) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        lat = sorted(dt for t, dt in json.loads(out or b"[]") if since <= t <= until)
+        if not lat:
+            return {"count": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+        q = lambda p: 1e3 * lat[min(len(lat) - 1, int(p * len(lat)))]  # noqa: E731
+        return {"count": len(lat), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": 1e3 * lat[-1]}
+
+
 # ---- the store's histogram -------------------------------------------------------------------------------
 
-def store_histogram(text: str) -> dict[float, float]:
-    """Prometheus text -> {le: cumulative count} of muse_store_seconds_per_request."""
-    out = {}
+def store_histograms(text: str) -> dict[str, dict[float, float]]:
+    """Prometheus text -> {"total": {le: cumulative count} of muse_store_seconds_per_request, and one more
+    per operation of muse_store_op_seconds (its `op` label: authenticate, reserve, ledger, ...)}."""
+    out: dict[str, dict[float, float]] = {"total": {}}
     for fam in text_string_to_metric_families(text):
-        if fam.name == HIST:
+        if fam.name in (HIST, OP_HIST):
             for s in fam.samples:
-                if s.name == HIST + "_bucket":
-                    out[float(s.labels["le"])] = s.value
+                if s.name == fam.name + "_bucket":
+                    op = "total" if fam.name == HIST else s.labels["op"]
+                    out.setdefault(op, {})[float(s.labels["le"])] = s.value
     return out
 
 
@@ -232,7 +286,8 @@ def db_checks(db, key_id: str, engines: dict, label: str, pg: bool) -> dict:
         store.close()
 
 
-async def load_phase(servers, key: str, admin: dict, rc: ReplicaConfig, cfg: LoadConfig, vocab: int, tag: str):
+async def load_phase(servers, key: str, admin: dict, rc: ReplicaConfig, cfg: LoadConfig, vocab: int, tag: str,
+                     ping_url: str | None = None):
     limits = httpx.Limits(max_connections=rc.streams * len(servers) + 8, max_keepalive_connections=rc.streams * len(servers) + 8)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0), limits=limits) as http:
@@ -240,23 +295,33 @@ async def load_phase(servers, key: str, admin: dict, rc: ReplicaConfig, cfg: Loa
         await asyncio.gather(*(http_request(http, s.url + "/v1/completions", headers,
                                             make_prompt(cfg, vocab, f"warm{tag}{j}", i, 0), 4)
                                for j, s in enumerate(servers) for i in range(rc.streams)))
-        before = [store_histogram(await _metrics(http, s, admin)) for s in servers]
+        before = [store_histograms(await _metrics(http, s, admin)) for s in servers]
 
         async def one(j, s):
             return await closed_loop(lambda p: http_request(http, s.url + "/v1/completions", headers, p, rc.max_tokens),
                                      rc.streams, rc.duration, lambda i, k: make_prompt(cfg, vocab, f"{tag}{j}", i, k))
 
-        results = await asyncio.gather(*(one(j, s) for j, s in enumerate(servers)))
+        probe = RoundTripProbe(ping_url) if ping_url else None
+        since = time.time()
+        try:
+            results = await asyncio.gather(*(one(j, s) for j, s in enumerate(servers)))
+        finally:
+            floor = probe.stop(since, time.time()) if probe else None
         await _wait_idle(http, servers, admin)
         texts = [await _metrics(http, s, admin) for s in servers]
-    hist = hist_merge([hist_delta(store_histogram(t), b) for t, b in zip(texts, before)])
+    after = [store_histograms(t) for t in texts]
+    ops = sorted({op for h in after for op in h})
+    hists = {op: hist_merge([hist_delta(a.get(op, {}), b.get(op, {})) for a, b in zip(after, before)]) for op in ops}
+    hist = hists["total"]
     engines = {"prompt_tokens": sum(counter(parse_metrics(t), "muse_engine_prompt_tokens") for t in texts),
                "completion_tokens": sum(counter(parse_metrics(t), "muse_engine_generation_tokens") for t in texts)}
     per = [summarize(rs, wall) for rs, wall in results]
     return {"servers": len(servers), "streams_each": rc.streams, "per_server": per,
             "requests": sum(p["requests"] for p in per), "output_tok_s": sum(p["output_tok_s"] for p in per),
             "errors": {k: sum(p["errors"].get(k, 0) for p in per) for p in per for k in p["errors"]},
-            "store": hist_summary(hist), "store_hist": {str(k): v for k, v in hist.items()}, "_engines": engines}
+            "store": hist_summary(hist), "store_hist": {str(k): v for k, v in hist.items()},
+            "store_ops": {op: hist_summary(h) for op, h in hists.items() if op != "total"}, "round_trip": floor,
+            "_engines": engines}
 
 
 async def burst(servers, db, key: str, key_id: str, admin: dict, rc: ReplicaConfig, cfg: LoadConfig, vocab: int) -> dict:
@@ -319,7 +384,7 @@ async def _run(rc: ReplicaConfig, workdir: Path, log) -> dict:
         try:
             for s in servers:
                 await s.wait_healthy(180)
-            phases["postgresql"] = await load_phase(servers, key, admin, rc, cfg, vocab, "p")
+            phases["postgresql"] = await load_phase(servers, key, admin, rc, cfg, vocab, "p", ping_url=url)
             log(json.dumps({"phase": "postgresql", **phases["postgresql"]["store"]}))
             checks.update(db_checks(url, k.key_id, phases["postgresql"].pop("_engines"),
                                     f"{rc.replicas} replicas (PostgreSQL)", True))
@@ -372,6 +437,19 @@ def markdown(report: dict, argv: list[str]) -> str:
         lines.append(f"| {name} | {ph['servers']} | {ph['streams_each'] * ph['servers']} | {ph['requests']} | "
                      f"{ph['output_tok_s']:.0f} | {fmt(st['p50_ms'])} | {fmt(st['p99_ms'])} | {pct(st['le_2ms'], 1)} | "
                      f"{pct(st['le_10ms'], 2)} | {ph['errors'] or 0} |")
+    lines += ["", "The store's time by operation (per request that made it; ms):", "",
+              "| store | operation | requests | p50 | p99 | <= 2 ms |", "|---|---|---:|---:|---:|---:|"]
+    for name, ph in report["phases"].items():
+        for op, st in ph.get("store_ops", {}).items():
+            if st["count"]:
+                lines.append(f"| {name} | {op} | {st['count']} | {st['p50_ms']:.2f} | {st['p99_ms']:.2f} | "
+                             f"{100 * st['le_2ms']:.1f}% |")
+    for name, ph in report["phases"].items():
+        rt = ph.get("round_trip")
+        if rt and rt["count"]:
+            lines += ["", f"Round-trip floor ({name}, the same seconds): `SELECT 1` every 10 ms from an otherwise idle "
+                          f"process, {rt['count']} round trips: p50 {rt['p50_ms']:.2f} ms, p99 {rt['p99_ms']:.2f} ms, "
+                          f"max {rt['max_ms']:.1f} ms."]
     lines += ["", "Checks:", ""]
     lines += [f"- {'PASS' if c['pass'] else 'FAIL'} {n}: {c['detail']}" for n, c in report["checks"].items()]
     return "\n".join(lines) + "\n"

@@ -47,11 +47,15 @@ def test_serve_replicas_smoke(serve_replicas, pg_url, tmp_path):
     assert all(c["pass"] for c in exact.values()), exact
     assert {"burst: exactly 10 of the requests admitted", "burst: the ledger holds exactly the quota",
             "2 replicas (PostgreSQL): the quota counter equals the ledger", "replicas exited cleanly"} <= set(exact)
-    for name in ("sqlite", "postgresql"):
+    for name, first in (("sqlite", "authenticate"), ("postgresql", "admit")):
         st = report["phases"][name]["store"]
         assert st["count"] >= report["phases"][name]["requests"] and st["p50_ms"] > 0
+        ops = report["phases"][name]["store_ops"]       # the breakdown: every request made its first call
+        assert ops[first]["count"] >= report["phases"][name]["requests"] and "ledger" in ops
+    floor = report["phases"]["postgresql"]["round_trip"]           # the control ran in the same seconds
+    assert floor["count"] > 0 and floor["p50_ms"] > 0 and report["phases"]["sqlite"]["round_trip"] is None, floor
     md = serve_replicas.markdown(report, ["--streams", "2"])
-    assert "| postgresql | 2 | 4 |" in md and "| sqlite | 1 | 2 |" in md
+    assert "| postgresql | 2 | 4 |" in md and "| sqlite | 1 | 2 |" in md and "| postgresql | admit |" in md
     assert len(logs) == 2
 
 

@@ -139,6 +139,19 @@ def test_fifty_requests_on_two_replicas_spend_exactly_the_quota(replicas, pg_url
     totals = json.loads(capsys.readouterr().out)["totals"]
     assert totals["total_tokens"] == 100 and totals["requests"] == 50
     assert main(["keys", "list", "--db", pg_url]) == 0 and k.key_id in capsys.readouterr().out
+    assert 'muse_store_op_seconds_count{op="admit"}' in metrics    # the store's time split by operation
+    # A key revoked elsewhere (the CLI) is refused by both replicas at once, though each has just cached
+    # it (a 429 each: authenticated, refused at admission): admission reads the key again, in the database.
+    for r in replicas:
+        assert httpx.post(r.url + "/v1/completions", json=body, headers=auth).status_code == 429
+    assert main(["keys", "revoke", k.key_id, "--db", pg_url]) == 0
+    for r in replicas:
+        resp = httpx.post(r.url + "/v1/completions", json=body, headers=auth)
+        assert resp.status_code == 401 and "revoked" in resp.json()["error"]["message"], resp.text
+    for r in replicas:                                             # each flushes its ledger writer
+        assert httpx.get(r.url + "/admin/usage", headers=admin).status_code == 200
+    with open_store(pg_url, create=False) as store:                # the 429s have rows, the 401s none
+        assert len(store.usage()) == 52 and not store._rows("SELECT * FROM quota_holds")
 
 
 def test_a_replica_killed_mid_stream_releases_its_holds_within_the_lease(replicas, pg_url):

@@ -4,6 +4,7 @@ SQLite file's mode and journal, PostgreSQL's leases and holds) is tested at the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -251,3 +252,84 @@ def test_postgres_rate_limits_are_a_share_per_live_replica(pg_url):
     finally:
         a.close()
         b.close()
+
+
+def test_postgres_admission_reads_the_key_again_whatever_the_cache_holds(pg_url):
+    """A generation request authenticates from the replica's cache (authenticate(cached=True)) and is
+    admitted by one round trip that reads the key again: a revocation, an expiry or a new quota made
+    on another replica applies to the very next admission, and a refused key takes no hold."""
+    from muse.server.pgstore import SharedQuotas
+
+    a = open_store(pg_url, replica="a")
+    b = open_store(pg_url, replica="b")                # another replica, or the CLI
+    try:
+        a.lock_for_server()
+        text, key = b.create_key("acme", token_quota=1000, period="day")
+        free_text, free = b.create_key("acme")          # no quota: admission still checks the key
+        quotas = a.make_quotas()
+        assert a.authenticate(text, cached=True) == key and a.authenticate(free_text, cached=True) == free
+        b.update_key(key.key_id, token_quota=50)
+        assert a.authenticate(text, cached=True).token_quota == 1000      # the cache answers...
+        with pytest.raises(QuotaExceeded, match="quota of 50"):          # ...admission does not
+            quotas.reserve(key, 100, request_id="req-1")
+        assert a.authenticate(text, cached=True).token_quota == 50       # and refreshed the cache
+        quotas.reserve(key, 50, request_id="req-2").settle(0)
+        for k, t in ((key, text), (free, free_text)):
+            b.revoke(k.key_id)
+            with pytest.raises(AuthError) as e:
+                quotas.reserve(k, 10, request_id=f"req-{k.key_id}")
+            assert e.value.reason == "revoked"
+            for cached in (True, False):                # admission forgot the cached key
+                with pytest.raises(AuthError):
+                    a.authenticate(t, cached=cached)
+        _, soon = b.create_key("acme", token_quota=1000, period="month", expires_at=time.time() + 3600)
+        with pytest.raises(AuthError) as e:
+            SharedQuotas(a, clock=lambda: soon.expires_at).reserve(soon, 10, request_id="req-late")
+        assert e.value.reason == "expired"
+        assert a._rows("SELECT request_id FROM quota_holds") == []     # no refused request holds anything
+    finally:
+        a.close()
+        b.close()
+
+
+def test_postgres_admission_periods_match_the_keys_calendar():
+    """The day and month bounds admission sends (pgstore._calendar_days) against ApiKey.period_start and
+    period_end, the reference, around day, month and year ends and a leap day."""
+    from datetime import UTC, datetime
+
+    from muse.server.pgstore import _calendar_days
+    from muse.server.records import ApiKey
+
+    day = ApiKey("key_1", "acme", None, None, None, 1, "day", None, NOW)
+    month = dataclasses.replace(day, period="month")
+    for y, mo, d, h in ((2025, 6, 15, 15), (2025, 12, 31, 23), (2026, 1, 1, 0), (2024, 2, 29, 12), (2025, 2, 28, 23)):
+        for now in (datetime(y, mo, d, h, tzinfo=UTC).timestamp(), datetime(y, mo, d, h, 59, 59, tzinfo=UTC).timestamp()):
+            today, first, end = _calendar_days(now)
+            assert (today * 86400.0, (today + 1) * 86400.0) == (day.period_start(now), day.period_end(now))
+            assert (first * 86400.0, end * 86400.0) == (month.period_start(now), month.period_end(now))
+
+
+def test_store_time_is_summed_per_request_and_split_by_operation(store):
+    """sqlstore.timed: each call's wall time lands once, under its outermost operation (authenticate's own
+    read is "authenticate", not also "read"); nothing is timed outside a request."""
+    from muse.server.sqlstore import STORE_TIME, StoreTime
+
+    text, key = store.create_key("acme")
+    spent = StoreTime()
+    token = STORE_TIME.set(spent)
+    try:
+        store.authenticate(text)
+        store.get_key(key.key_id)
+        store.begin(rec(1, key.key_id, status="running", completion=0))
+    finally:
+        STORE_TIME.reset(token)
+    assert set(spent.ops) == {"authenticate", "read", "ledger"} and all(t > 0 for t in spent.ops.values())
+    assert spent.total == pytest.approx(sum(spent.ops.values()))
+
+    async def request():                                # a worker thread of the request adds to its StoreTime
+        mine = StoreTime()
+        STORE_TIME.set(mine)
+        await asyncio.to_thread(store.authenticate, text)
+        return mine
+
+    assert set(asyncio.run(request()).ops) == {"authenticate"} and STORE_TIME.get() is None

@@ -33,7 +33,7 @@ from muse.server.metrics import ServerMetrics
 from muse.server.protocol import ApiError, invalid
 from muse.server.routes import openai_router
 from muse.server.serving import error_response, new_request_hex
-from muse.server.sqlstore import STORE_TIME
+from muse.server.sqlstore import STORE_TIME, StoreTime
 from muse.server.sqlstore import SqlStore as Store
 from muse.server.state import AppState, ServedModel, ServerConfig
 from muse.server.ui import ui_router
@@ -66,7 +66,7 @@ class RequestContext:
                 msg = {**msg, "headers": [*msg.get("headers", ()), (b"x-request-id", st["request_id"].encode())]}
             await send(msg)
 
-        store_time = [0.0]
+        store_time = StoreTime()
         token = STORE_TIME.set(store_time)  # the store adds its wall time per call (sqlstore.timed)
         try:
             await self.app(scope, receive, send_with_id)
@@ -74,8 +74,7 @@ class RequestContext:
             STORE_TIME.reset(token)
             route = scope.get("route")
             self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status or 500)).inc()
-            if store_time[0] > 0:
-                self.metrics.store_seconds.observe(store_time[0])
+            self.metrics.observe_store(store_time)
 
 
 def create_app(models: Sequence[ServedModel], store: Store, config: ServerConfig | None = None, *,

@@ -46,7 +46,7 @@ class Generation(Serving):
     body_model: type = CompletionRequest
 
     async def handle(self, request: Request) -> Response:
-        key = self.authenticate(request)
+        key = self.authenticate(request, cached=True)  # admit() checks the key again, in the database
         model_name = None
         try:
             grant = self.take_request(request, key)
@@ -63,7 +63,8 @@ class Generation(Serving):
                 grant.settle(0)  # tokens were not spent; the request itself stays counted
                 raise
         except ApiError as e:
-            self.record_rejection(request, key, self.endpoint, model_name, e)
+            if e.status != 401:  # a key refused at admission leaves no row, as one refused at authentication
+                self.record_rejection(request, key, self.endpoint, model_name, e)
             raise
         r = _Render(self, body, served, job, prep, int(time.time()))
         if body.stream:

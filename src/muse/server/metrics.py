@@ -80,9 +80,21 @@ class ServerMetrics:
         # calls; 0.002 and 0.01 are bounds, so "p50 <= 2 ms, p99 <= 10 ms" is read off exactly
         self.store_seconds = Histogram("muse_store_seconds_per_request", "time a request spent in the serving "
                                        "database (keys, quota, ledger hand-off)", buckets=_STORE_BUCKETS, registry=r)
+        # the same time split by operation (sqlstore.OPS), per request: where the store's time goes
+        self.store_op_seconds = Histogram("muse_store_op_seconds", "time a request spent in one kind of store "
+                                          "operation (summed over its calls of that kind)", ["op"],
+                                          buckets=_STORE_BUCKETS, registry=r)
         self.replica = Gauge("muse_replica_info", "this server's --replica-name and store (always 1)",
                              ["replica", "store"], registry=r)
         r.register(_EngineGauges(snapshot))
+
+    def observe_store(self, spent) -> None:
+        """A request's sqlstore.StoreTime, when it is over; a request that never touched the store
+        (health checks, /metrics itself) is not observed."""
+        if spent.total > 0:
+            self.store_seconds.observe(spent.total)
+            for op, seconds in spent.ops.items():
+                self.store_op_seconds.labels(op).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,16 @@ has written yet (the writer's queue, milliseconds): its hold still counts, so it
 Holds commit asynchronously (synchronous_commit off, see __init__): a crash of PostgreSQL itself may
 lose the last milliseconds of holds, never a ledger row.
 
+Keys: one round trip per generation request. `admit` is one statement (_ADMIT) that reads the key's
+row again and calls muse_reserve() only for a key still active and with a quota, under the quota and
+period the row holds now. Because of it, `authenticate(cached=True)` (what the generation routes ask
+for) may answer from this replica's memory for AUTH_CACHE_S: a key revoked or expired anywhere is still
+refused before it generates a token (at admission instead of at the door), and a quota change still
+applies to the next request; a change of models, rpm or tpm reaches this replica within AUTH_CACHE_S,
+or at the next admission on that key, which refreshes the cached copy. Other routes read the key on
+every request. Why: the key's look-up was one of two round trips per request, and under load each
+round trip costs milliseconds of waiting for a CPU (BENCHMARKS.md, section 7).
+
 Rate limits (rpm, tpm) are a per-replica share, not shared buckets: each replica enforces
 limit // (live replicas) (at least 1), counted in its own memory as with one server (limits.py). With
 a load balancer that spreads a key's requests evenly, the key gets its full limit; a client pinned to
@@ -39,6 +49,7 @@ connection pool (psycopg_pool). A URL's password is never printed (`safe_url`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -46,17 +57,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
 from muse.common.logging import get_logger
 from muse.server import pgschema
+from muse.server.keys import hash_key
 from muse.server.ledger import REC_FIELDS, LedgerWriter
-from muse.server.limits import QuotaExceeded, RateLimiter, _quota_error, _QuotaState
+from muse.server.limits import QuotaExceeded, RateLimiter, _quota_error, _QuotaState, period_end
 from muse.server.records import ApiKey, UsageRecord
 from muse.server.schema import SCHEMA_VERSION
-from muse.server.sqlstore import CLOSE_TIMEOUT_S, SqlStore, StoreError, timed
+from muse.server.sqlstore import CLOSE_TIMEOUT_S, AuthError, SqlStore, StoreError, timed
 
 log = get_logger("muse.server.store")
 
@@ -64,6 +77,8 @@ LEASE_S = 15.0          # a dead replica's holds stop counting, and its rows are
 POOL_SIZE = 8           # connections for reads and key operations (the ledger writer has its own)
 CONNECT_TIMEOUT_S = 10
 DEAD_KEPT_S = 86400.0   # a dead replica's row stays in the operator's view this long
+AUTH_CACHE_S = 5.0      # a generation request's key is read from the database at most this often (module docstring)
+AUTH_CACHE_MAX = 4096   # keys cached per replica; when full, the cache starts again from empty
 _SWEEP_LOCK = 0x6D757366
 
 _UPSERT = (f"INSERT INTO ledger ({', '.join(REC_FIELDS)}) VALUES ({', '.join(['%s'] * len(REC_FIELDS))}) "
@@ -71,6 +86,19 @@ _UPSERT = (f"INSERT INTO ledger ({', '.join(REC_FIELDS)}) VALUES ({', '.join(['%
            + ", ".join(f"{f} = excluded.{f}" for f in REC_FIELDS if f != "request_id")
            + " WHERE ledger.status = 'running' RETURNING request_id")
 _LIVE = "SELECT name FROM replicas WHERE lease_until > muse_now()"
+
+# A request's admission in one round trip: the key's row as it is now (revoked? expired? its quota and
+# period changed?) and, only for an active key with a quota, muse_reserve() under that quota. A CASE
+# evaluates a branch only when it is taken (the correlated subquery runs per row, on demand), so a
+# revoked or expired key never takes a hold; test_store_contract.py checks that it leaves none.
+_ADMIT = (
+    "SELECT k.models, k.rpm, k.tpm, k.token_quota, k.period, k.expires_at, k.revoked_at, "
+    "CASE WHEN k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > %(now)s) AND k.token_quota IS NOT NULL "
+    "THEN (SELECT ARRAY[r.admitted::int, r.used, r.held] FROM muse_reserve(%(request)s, COALESCE(k.owner_id, k.key_id), "
+    "%(replica)s, %(tokens)s, k.token_quota, "
+    "CASE k.period WHEN 'day' THEN %(day)s WHEN 'month' THEN %(month_first)s ELSE 0 END, "
+    "CASE k.period WHEN 'day' THEN %(day)s + 1 WHEN 'month' THEN %(month_end)s ELSE %(forever)s END) AS r) END "
+    "FROM api_keys AS k WHERE k.key_id = %(key)s")
 
 
 def safe_url(url: str) -> str:
@@ -165,6 +193,8 @@ class PgStore(SqlStore):
         self._close_lock = threading.Lock()
         self._closed = False
         self.lost_lease = 0                      # times a heartbeat found this replica's lease gone
+        self._auth_cache: dict[str, tuple[ApiKey, float]] = {}   # sha256 of a key -> (key, good until, monotonic)
+        self._auth_lock = threading.Lock()
 
     # ---- opening -------------------------------------------------------------------------------------------
     def _open(self) -> psycopg.Connection:
@@ -212,12 +242,12 @@ class PgStore(SqlStore):
 
     # ---- primitives ------------------------------------------------------------------------------------------
     def _rows(self, sql, params=()):
-        with timed(), self._pool.connection() as conn:
+        with timed("read"), self._pool.connection() as conn:
             return conn.execute(_q(sql), list(params)).fetchall()
 
     @contextlib.contextmanager
     def _write_txn(self):
-        with timed(), self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with timed("write"), self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute("SET LOCAL synchronous_commit = on")  # keys, admins, replicas: durable (see __init__)
             yield _Txn(cur)
 
@@ -363,16 +393,61 @@ class PgStore(SqlStore):
     def make_limiter(self) -> RateLimiter:
         return RateLimiter(share=self.live_replicas)
 
-    def reserve_hold(self, request_id: str, owner: str, tokens: int, quota: int, first_day: int,
-                     end_day: int) -> tuple[bool, int, int]:
-        """muse_reserve(): (admitted, used this period, held by live requests before this one)."""
+    def admit(self, key: ApiKey, request_id: str, tokens: int, now: float) -> tuple[ApiKey, tuple[bool, int, int] | None]:
+        """A request's admission, one round trip (_ADMIT): `key` as the database holds it at `now` and,
+        when that key is active and has a quota, muse_reserve()'s (admitted, used this period, held by
+        live requests before this one) for `tokens` under its current quota; None when no hold was
+        asked for. The cached key of authenticate(cached=True) is refreshed from the row.
+        AuthError("invalid") when the key is no longer in the database."""
         if not self._registered:
-            raise RuntimeError("reserve_hold() needs lock_for_server() first: holds belong to a replica's lease")
-        with timed(), self._pool.connection() as conn:
-            admitted, used, held = conn.execute(
-                "SELECT * FROM muse_reserve(%s, %s, %s, %s, %s, %s, %s)",
-                (request_id, owner, self.replica, tokens, quota, first_day, end_day)).fetchone()
-        return bool(admitted), int(used), int(held)
+            raise RuntimeError("admit() needs lock_for_server() first: holds belong to a replica's lease")
+        day, month_first, month_end = _calendar_days(now)
+        with timed("admit"), self._pool.connection() as conn:
+            row = conn.execute(_ADMIT, {"now": now, "request": request_id, "replica": self.replica, "tokens": tokens,
+                                        "day": day, "month_first": month_first, "month_end": month_end,
+                                        "forever": 2**62, "key": key.key_id}).fetchone()
+        if row is None:
+            self._cache_key(key.key_id, None)
+            raise AuthError("invalid")
+        models, rpm, tpm, quota, period, expires_at, revoked_at, outcome = row
+        fresh = dataclasses.replace(key, models=None if models is None else tuple(json.loads(models)), rpm=rpm, tpm=tpm,
+                                    token_quota=quota, period=period, expires_at=expires_at, revoked_at=revoked_at)
+        if fresh != key:
+            self._cache_key(key.key_id, fresh if fresh.status(now) == "active" else None)
+        return fresh, None if outcome is None else (bool(outcome[0]), int(outcome[1]), int(outcome[2]))
+
+    # ---- keys: a short-lived cache for generation requests -----------------------------------------------------
+    def authenticate(self, key_text: str, *, now: float | None = None, cached: bool = False) -> ApiKey:
+        """SqlStore.authenticate; with `cached`, a key read from the database less than AUTH_CACHE_S ago
+        is taken from this replica's memory (its expiry still checked against `now`). Only for a request
+        that then goes through admit(), which reads the key again in the same round trip as its quota
+        hold: a key revoked or expired on any replica is refused there, before it generates anything."""
+        if not cached:
+            return super().authenticate(key_text, now=now)
+        digest = hash_key(key_text)
+        hit = self._auth_cache.get(digest)
+        if hit is not None and hit[1] > time.monotonic():
+            key = hit[0]
+            status = key.status(self._now(now))
+            if status != "active":
+                raise AuthError(status, key.key_id)
+            return key
+        key = super().authenticate(key_text, now=now)
+        with self._auth_lock:
+            if len(self._auth_cache) >= AUTH_CACHE_MAX:
+                self._auth_cache.clear()  # bounded memory; the keys in use come back on their next request
+            self._auth_cache[digest] = (key, time.monotonic() + AUTH_CACHE_S)
+        return key
+
+    def _cache_key(self, key_id: str, fresh: ApiKey | None) -> None:
+        """admit() found `key_id` changed in the database: cache its new version (None: forget it)."""
+        with self._auth_lock:
+            for digest, (k, until) in list(self._auth_cache.items()):
+                if k.key_id == key_id:
+                    if fresh is None:
+                        del self._auth_cache[digest]
+                    else:
+                        self._auth_cache[digest] = (fresh, until)
 
     def settle_hold(self, request_id: str) -> None:
         """The request is over. Begun requests release their hold with their settled ledger row (the
@@ -380,7 +455,7 @@ class PgStore(SqlStore):
         no row coming, so its hold is deleted now."""
         if request_id in self._ledger.active_ids():
             return
-        with timed(), self._pool.connection() as conn:
+        with timed("release"), self._pool.connection() as conn:
             conn.execute("DELETE FROM quota_holds WHERE request_id = %s", (request_id,))
 
     def quota_state(self, owner: str, first_day: int, end_day: int) -> tuple[int, int]:
@@ -389,6 +464,14 @@ class PgStore(SqlStore):
                          f"AND day < ?), (SELECT COALESCE(SUM(tokens), 0) FROM quota_holds WHERE owner_id = ? AND "
                          f"replica IN ({_LIVE}))", (owner, first_day, end_day, owner))[0]
         return int(row[0]), int(row[1])
+
+
+def _calendar_days(now: float) -> tuple[int, int, int]:
+    """UTC day numbers at `now`: today, the first day of this month, the first day of the next (the
+    bounds _ADMIT picks from by the key's period, as ApiKey.period_start/period_end draw them)."""
+    d = datetime.fromtimestamp(now, UTC)
+    first = datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
+    return int(now // 86400), int(first // 86400), int(period_end("month", first) // 86400)
 
 
 def _days(key: ApiKey, now: float) -> tuple[int, int, float]:
@@ -429,21 +512,26 @@ class SharedQuotas:
         self._store, self._clock = store, clock
 
     def reserve(self, key: ApiKey, tokens: int, request_id: str | None = None) -> SharedReservation | None:
-        quota = key.token_quota
-        if quota is None:
-            return None
+        """Admit a request on `key` (PgStore.admit: one round trip): AuthError when the key has been revoked
+        or has expired meanwhile (on any replica), None when it has no quota, QuotaExceeded when the
+        quota cannot hold `tokens`. The key's quota and period are the database's, not the caller's copy."""
         if tokens < 0:
             raise ValueError(f"a request reserves >= 0 tokens, got {tokens}")
         if not request_id:
             raise ValueError("a shared quota reservation needs the request's id (its hold's key)")
-        owner = self._store.quota_owner(key)
-        first, end, start = _days(key, self._clock())
-        admitted, used, held = self._store.reserve_hold(request_id, owner, tokens, quota, first, end)
+        now = self._clock()
+        fresh, outcome = self._store.admit(key, request_id, tokens, now)
+        status = fresh.status(now)
+        if status != "active":
+            raise AuthError(status, fresh.key_id)
+        if fresh.token_quota is None:
+            return None
+        admitted, used, held = outcome
         if not admitted:
-            state = _QuotaState(start, used)
+            state = _QuotaState(_days(fresh, now)[2], used)
             state.in_flight = held
-            raise _quota_error(key, quota, state, tokens)
-        return SharedReservation(self._store, request_id, key.key_id, owner, tokens)
+            raise _quota_error(fresh, fresh.token_quota, state, tokens)
+        return SharedReservation(self._store, request_id, fresh.key_id, self._store.quota_owner(fresh), tokens)
 
     def remaining(self, key: ApiKey) -> int | None:
         if key.token_quota is None:

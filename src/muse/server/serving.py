@@ -5,7 +5,8 @@ front ends (completion.py, chat.py), which differ only in how a body becomes pro
 are rendered.
 
 Order matters, and each step is as cheap as possible before the next:
-- authentication touches only an indexed key look-up;
+- authentication touches only an indexed key look-up (a generation request on PostgreSQL replicas may
+  take its key from a short cache: admission checks the key again in the database, pgstore.py);
 - the body is capped in bytes while it is read (413), parsed by the C JSON decoder, then walked once
   iteratively: nesting deeper than MAX_JSON_DEPTH and strings that are not valid Unicode (a lone
   surrogate, which JSON's \\ud800 escape can carry) are 400s, never a RecursionError or an encode error
@@ -63,6 +64,13 @@ def error_response(e: ApiError, headers: dict[str, str] | None = None) -> JSONRe
     return SafeJSONResponse(e.body(), status_code=e.status, headers={**(headers or {}), **e.headers})
 
 
+def auth_error(e: AuthError) -> ApiError:
+    """The 401 of a key that is not accepted: at authentication, or at admission (pgstore.py)."""
+    reason = {"revoked": "This API key has been revoked.", "expired": "This API key has expired."}
+    return ApiError(401, reason.get(e.reason, "Incorrect API key provided.") + " Ask your contact for a new key.",
+                    code="invalid_api_key")
+
+
 def limit_error(e: LimitError) -> ApiError:
     return ApiError(e.status_code, str(e), type=e.error_type, code=e.code, headers=e.headers)
 
@@ -110,7 +118,9 @@ class Serving:
         self.config = state.config
 
     # ---- identity ----------------------------------------------------------------------------------
-    def authenticate(self, request: Request) -> ApiKey:
+    def authenticate(self, request: Request, *, cached: bool = False) -> ApiKey:
+        """The request's key, or a 401. `cached`: the request goes on to admit(), which checks the key in
+        the database again (a generation request), so the store may answer from memory (pgstore.py)."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
@@ -121,11 +131,9 @@ class Serving:
             raise ApiError(401, "Incorrect API key provided. Check it for typos; keys start with "
                            f"'{keyfmt.KEY_PREFIX}'.", code="invalid_api_key")
         try:
-            key = self.state.store.authenticate(token)
+            key = self.state.store.authenticate(token, cached=cached)
         except AuthError as e:
-            reason = {"revoked": "This API key has been revoked.", "expired": "This API key has expired."}
-            raise ApiError(401, reason.get(e.reason, "Incorrect API key provided.") +
-                           " Ask your contact for a new key.", code="invalid_api_key") from None
+            raise auth_error(e) from None
         request.state.rl_headers = self.state.limiter.peek_headers(key)
         return key
 
@@ -267,11 +275,11 @@ class Serving:
             request.state.rl_headers = grant.headers
             reservation = state.quotas.reserve(key, reserve, request_id=request_id)
             await state.admission.acquire(sequences)
-        except LimitError as e:
+        except (LimitError, AuthError) as e:
             grant.settle(0)
             if reservation is not None:
                 reservation.settle(0)
-            raise limit_error(e) from None
+            raise (auth_error(e) if isinstance(e, AuthError) else limit_error(e)) from None
         except BaseException:
             grant.settle(0)
             if reservation is not None:

@@ -43,24 +43,48 @@ _EDITABLE = {"models", "rpm", "tpm", "token_quota", "period", "expires_at"}   # 
 CLOSE_TIMEOUT_S = 30.0     # close(): the writer's last tries (ledger.py STOP_ATTEMPTS) fit in it
 
 
-# Seconds a request spent in the store (waiting on the database), summed over its calls: the server
-# sets a fresh [0.0] per request (app.RequestContext) and observes it when the request ends. Worker
-# threads started with asyncio.to_thread copy the context, so their calls add to the same list.
-STORE_TIME: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("muse_store_time", default=None)
+# The store's time of the HTTP request being served: the server sets a fresh StoreTime per request
+# (app.RequestContext) and observes it when the request ends. Worker threads started with
+# asyncio.to_thread copy the context, so their calls add to the same object; calls on threads the
+# request did not start (the ledger writer, the heartbeat, an engine client's callbacks) are not timed.
+STORE_TIME: contextvars.ContextVar[StoreTime | None] = contextvars.ContextVar("muse_store_time", default=None)
+_IN_TIMED: contextvars.ContextVar[bool] = contextvars.ContextVar("muse_store_in_timed", default=False)
+
+# What a request's store time is spent on (the labels of muse_store_op_seconds: a closed set)
+OPS = ("authenticate", "admit", "release", "ledger", "read", "write")
+
+
+class StoreTime:
+    """One request's wall time in the store: in all (`total`) and per operation (`ops`, keys from OPS).
+    Each call is timed from before it asks for a connection (or the SQLite lock) until its result is
+    in hand, so it counts waiting for the database and for this process's own connection."""
+
+    __slots__ = ("total", "ops")
+
+    def __init__(self):
+        self.total = 0.0
+        self.ops: dict[str, float] = {}
+
+    def add(self, op: str, seconds: float) -> None:
+        self.total += seconds
+        self.ops[op] = self.ops.get(op, 0.0) + seconds
 
 
 @contextlib.contextmanager
-def timed():
-    """Add the block's wall time to the current request's STORE_TIME (if a request is being timed)."""
+def timed(op: str):
+    """Add the block's wall time to the current request's STORE_TIME under `op` (if a request is being
+    timed). Nested blocks count once, under the outermost op (authenticate's read is "authenticate")."""
     acc = STORE_TIME.get()
-    if acc is None:
+    if acc is None or _IN_TIMED.get():
         yield
         return
+    token = _IN_TIMED.set(True)
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        acc[0] += time.perf_counter() - t0
+        acc.add(op, time.perf_counter() - t0)
+        _IN_TIMED.reset(token)
 
 
 class StoreError(MuseError):
@@ -256,16 +280,19 @@ class SqlStore:
             c.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (now, key_id))
         return text, new
 
-    def authenticate(self, key_text: str, *, now: float | None = None) -> ApiKey:
+    def authenticate(self, key_text: str, *, now: float | None = None, cached: bool = False) -> ApiKey:
         """The active key whose text this is; AuthError("invalid" | "revoked" | "expired") otherwise.
 
         Reads the database on every call, so revocations by the CLI apply at once (an indexed look-up).
         Malformed text (wrong prefix, length, alphabet or checksum) is refused without a look-up.
+        `cached`: the caller's request is admitted through the store, which checks the key again (the
+        PostgreSQL store may then answer from memory, pgstore.py); this store always reads.
         """
         if not check_format(key_text):
             raise AuthError("invalid")
         digest = hash_key(key_text)
-        rows = self._rows(f"SELECT key_hash, {KEY_COLS} FROM api_keys WHERE key_hash = ?", (digest,))
+        with timed("authenticate"):
+            rows = self._rows(f"SELECT key_hash, {KEY_COLS} FROM api_keys WHERE key_hash = ?", (digest,))
         # The index look-up above is not constant-time, but it only ever sees the sha256 of the text,
         # which tells an attacker nothing about any stored key; the comparison of the hashes is.
         if not rows or not hmac.compare_digest(rows[0][0], digest):
@@ -343,7 +370,7 @@ class SqlStore:
         what is known), so a crash still bills it. Settle it with record(); never waits on the disk."""
         if not isinstance(rec, UsageRecord) or rec.status != "running":
             raise ValueError(f"begin() takes a UsageRecord with status 'running', got {rec!r:.200}")
-        with timed():
+        with timed("ledger"):
             self._ledger.put(self._label(rec))
 
     def progress(self, request_id: str, completion_tokens: int, cached_tokens: int = 0) -> None:
@@ -361,7 +388,7 @@ class SqlStore:
         if rec.status not in FINAL_STATUSES:
             raise ValueError(f"record() settles a request: status must be one of {FINAL_STATUSES}, got "
                              f"{rec.status!r} (a running row goes to begin())")
-        with timed():
+        with timed("ledger"):
             self._ledger.put(self._label(rec))
 
     def flush(self, timeout: float | None = FLUSH_TIMEOUT_S) -> bool:

@@ -266,14 +266,14 @@ class Store(SqlStore):
     # ------------------------------------------------------------------------------------ primitives
 
     def _rows(self, sql, params=()):
-        with timed(), self._read_lock:
+        with timed("read"), self._read_lock:
             return self._conn.execute(sql, params).fetchall()
 
     @contextlib.contextmanager
     def _write_txn(self):
         """BEGIN IMMEDIATE ... COMMIT on the read connection (ROLLBACK on error), as ledger.write_txn, but
         a database still busy after busy_timeout is a StoreError the CLI can print."""
-        with timed(), self._read_lock:
+        with timed("write"), self._read_lock:
             c = self._conn
             try:
                 c.execute("BEGIN IMMEDIATE")

@@ -10,7 +10,15 @@ import shutil
 import pytest
 
 from conftest import make_corpus
-from muse.scaling.ladder import LadderConfig, _last_error, collect, plan_ladder, read_data
+from muse.scaling.ladder import (
+    LadderConfig,
+    _identity,
+    _last_error,
+    collect,
+    plan_ladder,
+    read_data,
+    train_argv,
+)
 
 ARGS = ["--budgets", "3e9,6e9", "--sizes", "1,2,3", "--seq-len", "32", "--batch-size", "4", "--min-steps", "3",
         "--eval-batches", "4", "--resamples", "20", "--threads", "1"]
@@ -73,6 +81,15 @@ def test_ladder_trains_fits_and_reports(reference):
         assert (run / "ladder" / r["name"] / "base" / "latest").exists()
         cfg = json.loads((run / "ladder" / r["name"] / "base" / "train_config.json").read_text())
         assert cfg["total_steps"] == r["steps"] and cfg["model"]["n_layer"] == r["depth"]
+        assert cfg["train"]["optim"]["momentum_warmup_steps"] == round(0.25 * r["steps"])
+    # the loop used it: the d1 runs (50 and 100 steps) end at full momentum, where `muse train`'s fixed
+    # 300-step warmup would have left them at 0.85 + 0.1 * 99 / 300 = 0.883 or less
+    from muse.checkpoint import load_train_state
+
+    for name in ("3e9-d1", "6e9-d1"):
+        state = load_train_state(run / "ladder" / name / "base" / "latest")
+        momenta = [g["momentum"] for o in state["optimizer"]["optimizers"] for g in o["param_groups"] if "momentum" in g]
+        assert momenta and all(m == pytest.approx(0.95) for m in momenta), momenta
     for name in ("report.md", "isoflop.png", "envelope.png", "n_opt.png", "prediction.png"):
         assert (run / "ladder" / name).stat().st_size > 0
     assert "| 3e9-d1 |" in (run / "ladder" / "report.md").read_text()
@@ -119,6 +136,28 @@ def test_print_commands_lists_the_runs_left(prepared, reference, tmp_path, muse)
     assert code == 0 and out.startswith("# every run is trained")
 
 
+def test_momentum_warmup_is_a_fraction_of_each_run_and_part_of_its_identity(prepared):
+    from muse.common.errors import ConfigError
+    from muse.train.optim import OptimConfig
+    from muse.train.schedule import muon_momentum
+
+    # `muse train`'s default is the recipe's fixed 300 steps, so every run outside a ladder is unchanged
+    assert OptimConfig().momentum_warmup_steps == 300
+    assert all(muon_momentum(s, warmup_steps=OptimConfig().momentum_warmup_steps) == muon_momentum(s) for s in range(400))
+    with pytest.raises(ConfigError, match="momentum_warmup_steps must be >= 0"):
+        OptimConfig(momentum_warmup_steps=-1)
+    spec = plan_ladder(prepared, CFG)[0]
+    argv = train_argv(prepared, CFG, spec, resume=False)
+    assert argv[argv.index(f"optim.momentum_warmup_steps={round(0.25 * spec.steps)}") - 1] == "--set"
+    assert _identity(CFG, spec)["momentum_warmup_steps"] == round(0.25 * spec.steps)
+    fixed = LadderConfig(**{**CFG.__dict__, "momentum_warmup_frac": 0.0})  # `muse train`'s own 300 steps
+    assert not any("momentum_warmup" in a for a in train_argv(prepared, fixed, spec, resume=False))
+    assert "momentum_warmup_steps" not in _identity(fixed, spec)  # a directory from before the option reads the same
+    mine = LadderConfig(**{**CFG.__dict__, "sets": ("optim.momentum_warmup_steps=7",)})
+    argv = train_argv(prepared, mine, spec, resume=False)  # a user's --set comes after the ladder's: it wins
+    assert argv.index("optim.momentum_warmup_steps=7") > argv.index(f"optim.momentum_warmup_steps={round(0.25 * spec.steps)}")
+
+
 def test_bad_ladders_are_refused_with_what_is_needed(prepared, tmp_path, muse):
     run = _copy(prepared, tmp_path, "bad")
     code, _, err = muse("ladder", str(run), "--budgets", "1e8,3e9", *ARGS[2:])
@@ -131,6 +170,8 @@ def test_bad_ladders_are_refused_with_what_is_needed(prepared, tmp_path, muse):
     assert code == 2 and "--budgets expects" in err
     code, _, err = muse("ladder", str(tmp_path / "nowhere"), *ARGS)
     assert code == 2 and "muse prepare" in err
+    code, _, err = muse("ladder", str(run), *ARGS, "--momentum-warmup-frac", "2")
+    assert code == 2 and "--momentum-warmup-frac must be between 0 and 1" in err
     # a run directory made with other settings is not silently reused
     (run / "ladder" / "3e9-d1").mkdir(parents=True)
     (run / "ladder" / "3e9-d1" / "ladder_run.json").write_text(json.dumps({"depth": 1, "steps": 1}))

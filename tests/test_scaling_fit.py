@@ -1,6 +1,7 @@
 """muse.scaling.fit and .analysis: the fits recover a known law from noisy synthetic runs, within their
 bootstrap intervals; the batched L-BFGS matches torch.optim.LBFGS; bad ladders are refused clearly."""
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from muse.common.errors import UsageError
 from muse.scaling import analysis
 from muse.scaling import fit as F
+from muse.scaling import interval as IV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,3 +160,147 @@ def test_batched_lbfgs_matches_torch_lbfgs():
         opt.step(closure)
         ref = float(fn(theta.detach()[None])[0])
         assert float(fast[i]) <= ref * 1.01 + 1e-9, (i, float(fast[i]), ref)
+
+
+# ---------------------------------------------------------------- the coupled form and the stated interval
+
+COUPLED = {"E": 1.7, "A": 400.0, "B": 300.0, "alpha": 0.34, "beta": 0.28, "gamma": -0.02}
+
+
+def law_rows(law, noise=0.003, seed=0, sizes=6, budgets=BUDGETS):
+    """synthetic_rows for any law(n, d)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in budgets:
+        for n in np.geomspace(1e5, 3e7, sizes) * (b / 1e15) ** 0.5:
+            n, d = int(n), int(b / (6 * n))
+            rows.append({"name": f"{b:.0e}-{n}", "budget": b, "params": n, "tokens": d, "flops": b,
+                         "flops_per_token": 6.0 * n, "depth": 0, "verify": False, "status": "ok",
+                         "val_loss": float(law(n, d) * math.exp(rng.normal(0, noise)))})
+    return rows
+
+
+def candidates(c):
+    return [{"name": f"c{i}", "depth": i + 1, "params": int(n), "tokens": int(c / (6 * int(n))), "flops": c,
+             "steps": 100, "excluded": ""} for i, n in enumerate(np.geomspace(1e5, 1e9, 40))]
+
+
+def test_coupled_form_recovers_a_coupled_law_exactly():
+    t = COUPLED
+    rows = law_rows(lambda n, d: t["E"] + t["A"] / n ** t["alpha"] + t["B"] / (n ** t["gamma"] * d ** t["beta"]), noise=0.0)
+    n, d, loss = ([r[k] for r in rows] for k in ("params", "tokens", "val_loss"))
+    coupled = F.fit_parametric(n, d, loss, form="coupled")
+    for k, v in t.items():
+        assert getattr(coupled, k) == pytest.approx(v, rel=2e-3, abs=1e-4), k
+    separable = F.fit_parametric(n, d, loss)
+    assert coupled.objective < separable.objective / 1000  # nested: the separable start, then better
+    assert separable.gamma is None and coupled.form == "coupled"
+    with pytest.raises(UsageError, match="unknown L\\(N, D\\) form"):
+        F.fit_parametric(n, d, loss, form="kaplan")
+    with pytest.raises(UsageError, match="coupled L\\(N, D\\) fit has 6 parameters and needs at least 6"):
+        F.fit_parametric(n[:5], d[:5], loss[:5], form="coupled")
+    with pytest.raises(UsageError, match="no closed-form compute-optimal split"):
+        coupled.optimal_split(1e15)
+
+
+def test_stated_interval_on_a_known_law_covers_and_contains_the_bootstrap_one(fitted):
+    _, data, fits = fitted
+    assert data["coupled"]["intervals"]["gamma"][0] <= 0.0 <= data["coupled"]["intervals"]["gamma"][1]
+    c = 4 * BUDGETS[-1]
+    pred = analysis.predict(fits, c, candidates(c))
+    lo, hi = pred["interval"]
+    assert lo <= true_loss(pred["params"], pred["tokens"]) <= hi
+    parts = pred["interval_parts"]
+    assert set(parts) == {"chinchilla", "coupled", "backtest"} and pred["backtest_band"] > 0
+    for plo, phi in parts.values():
+        assert lo <= plo <= phi <= hi
+    # a known, separable law: the form-error parts add little (the forms agree, the backtests err by the noise)
+    assert hi - lo < 2.5 * (parts["chinchilla"][1] - parts["chinchilla"][0])
+
+
+def test_form_error_widens_the_interval_for_a_misspecified_law():
+    """Losses from Kaplan et al.'s joint law with an E (gamma 0.7: a bigger model gains more from more tokens),
+    neither fitted form, on a ladder that trains the same 5 sizes at every budget (as `--sizes` does), with
+    0.05% noise. The separable bootstrap interval misses the truth at 4x the largest budget, and 2 of the 5
+    backtest runs; the form-error parts (coupled form, backtest band, each size's own power law) widen the
+    stated interval to cover all of them."""
+    law = lambda n, d: 1.7 + (400.0 / n ** 0.34 + 1000.0 / d ** 0.28) ** 0.7  # noqa: E731
+    rng = np.random.default_rng(0)
+    sizes = [int(x) for x in np.geomspace(3e5, 1e7, 5)]
+    rows = []
+    for b in (1e15, 2e15, 4e15):
+        for n in sizes:
+            d = int(b / (6 * n))
+            rows.append({"name": f"{b:.0e}-{n}", "budget": b, "params": n, "tokens": d, "flops": b,
+                         "flops_per_token": 6.0 * n, "depth": 0, "verify": False, "status": "ok",
+                         "val_loss": float(law(n, d) * math.exp(rng.normal(0, 0.0005)))})
+    data, fits = analysis.fit_ladder(rows, resamples=60)
+    c = 1.6e16
+    pred = analysis.predict(fits, c, [{"name": f"c{i}", "depth": i + 1, "params": n, "tokens": int(c / (6 * n)),
+                                       "flops": c, "steps": 100, "excluded": ""} for i, n in enumerate(sizes)])
+    truth = law(pred["params"], pred["tokens"])
+    boot = pred["interval_parts"]["chinchilla"]
+    assert not boot[0] <= truth <= boot[1], (boot, truth)
+    assert pred["interval"][0] <= truth <= pred["interval"][1], (pred["interval"], truth)
+    assert pred["interval"][1] - pred["interval"][0] > 2 * (boot[1] - boot[0])
+    assert {"coupled", "backtest", "per_size"} <= set(pred["interval_parts"])
+    cov = data["coverage"]
+    assert cov["runs"] == 5 and cov["inside_stated"] == 5 and cov["inside_bootstrap"] < 5
+
+
+def test_backtest_band_scales_with_the_distance_and_never_shrinks():
+    folds = [{"distance": math.log(2), "runs": [{"error": 0.01}, {"error": -0.02}]}]
+    assert IV.band(folds, 4e12, 1e12) == pytest.approx(0.04)  # 4x out, fold 2x out: twice the largest error
+    assert IV.band(folds, 2e12, 1e12) == pytest.approx(0.02)
+    assert IV.band(folds, 1.5e12, 1e12) == pytest.approx(0.02)  # nearer than the fold: not scaled down
+    assert IV.band([], 4e12, 1e12) == 0.0
+
+
+def test_backtests_fit_on_the_smaller_budgets_and_count_coverage():
+    rows = synthetic_rows(sizes=4, budgets=(1e15, 2e15, 4e15, 8e15))
+    data, fits = analysis.fit_ladder(rows, resamples=30)
+    folds = data["backtests"]
+    assert [f["fit_budgets"] for f in folds] == [[1e15, 2e15], [1e15, 2e15, 4e15]]
+    assert [f["budget"] for f in folds] == [4e15, 8e15]
+    assert folds[0]["band"] == 0.0 and folds[1]["band"] > 0  # the second fold has the first to calibrate on
+    assert [len(f["runs"]) for f in folds] == [4, 4]
+    runs = [r for f in folds for r in f["runs"]]
+    for r in runs:
+        assert r["error"] == pytest.approx(math.log(r["actual"] / r["predicted"]))
+        assert r["inside_stated"] or not r["inside_bootstrap"]  # the stated interval contains the bootstrap one
+    cov = data["coverage"]
+    assert cov == {"runs": 8, "folds": 2, "inside_bootstrap": sum(r["inside_bootstrap"] for r in runs),
+                   "inside_stated": sum(r["inside_stated"] for r in runs),
+                   "max_abs_error": max(abs(r["error"]) for r in runs)}
+    assert fits.c_max == 8e15
+
+
+def test_fit_ladder_is_deterministic_and_json_able():
+    rows = synthetic_rows(sizes=4)
+    a, _ = analysis.fit_ladder(rows, resamples=20)
+    b, _ = analysis.fit_ladder(rows, resamples=20)
+    assert json.dumps(a) == json.dumps(b)
+
+
+def test_a_ladder_too_small_for_the_coupled_form_or_backtests_says_so():
+    rows = synthetic_rows(sizes=3, budgets=BUDGETS[:2])[:5]  # 5 runs, 2 budgets: separable only, no fold
+    data, fits = analysis.fit_ladder(rows, resamples=20)
+    assert data["coupled"] is None and data["backtests"] == [] and data["coverage"]["runs"] == 0
+    notes = " | ".join(data["notes"])
+    assert "coupled L(N, D) form needs 6 runs" in notes and "no backtest" in notes
+    c = 4 * BUDGETS[1]
+    pred = analysis.predict(fits, c, candidates(c))
+    assert set(pred["interval_parts"]) == {"chinchilla"} and pred["interval"] == pred["interval_parts"]["chinchilla"]
+    assert pred["coupled_loss"] is None and pred["backtest_band"] == 0.0
+
+
+def test_per_size_power_law_through_one_sizes_runs():
+    rows = [{"params": 1000, "tokens": t, "val_loss": 9.0 * t ** -0.1} for t in (1e4, 2e4, 4e4)]
+    rows.append({"params": 2000, "tokens": 1e4, "val_loss": 5.0})
+    assert IV.per_size(rows, 1000, 1.6e5) == pytest.approx(9.0 * 1.6e5 ** -0.1)
+    assert IV.per_size(rows, 2000, 1e5) is None  # one token count: no line
+    assert IV.per_size(rows, 3000, 1e5) is None
+    fits = analysis.fit_ladder(synthetic_rows(sizes=4), resamples=10)[1]
+    stated, parts = IV.stated_interval(fits.forms, 1000, 1.6e5, 0.0, 0.95, rows)
+    assert parts["per_size"] == [pytest.approx(9.0 * 1.6e5 ** -0.1)] * 2
+    assert stated[0] <= parts["per_size"][0] <= stated[1]

@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, default=64, help="val batches for each run's final loss (default 64)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any `muse train` setting, the same for every run (repeatable)")
+    p.add_argument("--momentum-warmup-frac", type=float, default=0.25,
+                   help="Muon's momentum warmup as a fraction of each run's steps (default 0.25); 0 keeps "
+                        "`muse train`'s fixed 300 steps, which short runs never finish")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each its own process (on a GPU node: one per device); default 1")
@@ -101,9 +104,12 @@ def run(args) -> int:
     for name in ("per_budget", "seq_len", "batch_size", "min_steps", "eval_batches", "resamples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0.0 <= args.momentum_warmup_frac <= 1.0:
+        raise UsageError(f"--momentum-warmup-frac must be between 0 and 1, got {args.momentum_warmup_frac}")
     cfg = LadderConfig(budgets=_floats(args.budgets), sizes=_sizes(args.sizes), per_budget=args.per_budget,
                        seq_len=args.seq_len, batch_size=args.batch_size, min_steps=args.min_steps,
-                       eval_batches=args.eval_batches, sets=tuple(args.set), device=args.device)
+                       eval_batches=args.eval_batches, sets=tuple(args.set), device=args.device,
+                       momentum_warmup_frac=args.momentum_warmup_frac)
     data = read_data(run_dir)
     specs = plan_ladder(run_dir, cfg)
     target = args.predict or (4 * max(cfg.budgets) if args.verify else None)
@@ -129,6 +135,7 @@ def run(args) -> int:
         "settings": {"budgets": sorted(cfg.budgets), "sizes": list(cfg.sizes) if cfg.sizes else "auto",
                      "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "min_steps": cfg.min_steps,
                      "eval_batches": cfg.eval_batches, "sets": list(cfg.sets),
+                     "momentum_warmup_frac": cfg.momentum_warmup_frac,
                      "flop_count": "6N + 12 L d T per token (muse.model.flops.flops_per_token)"},
         "runs": rows, "fits": fits_json,
     }
@@ -165,6 +172,10 @@ def _summary(ladder: dict, done, report: Path, wall_s: float, format_flops) -> N
     for r in ladder["runs"]:
         if r["status"] in ("excluded", "diverged"):
             print(f"  {r['name']}: {r['status']}: {r['reason']}")
+    cov = ladder["fits"]["coverage"]
+    if cov["runs"]:
+        print(f"backtests: {cov['runs']} held-out run(s) in {cov['folds']} fold(s), largest |error| {cov['max_abs_error']:.2%}; "
+              f"inside the stated interval {cov['inside_stated']}, inside the bootstrap one {cov['inside_bootstrap']}")
     print(f"L(N, D) = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + {p['B']:.4g}/D^{p['beta']:.3f} "
           f"(alpha 95% {p['intervals']['alpha'][0]:.3f}-{p['intervals']['alpha'][1]:.3f}, "
           f"beta 95% {p['intervals']['beta'][0]:.3f}-{p['intervals']['beta'][1]:.3f}, residual rms {p['residual_rms']:.2%})")
@@ -178,6 +189,8 @@ def _summary(ladder: dict, done, report: Path, wall_s: float, format_flops) -> N
         lo, hi = pred["interval"]
         print(f"predicted at C = {format_flops(pred['budget'])}: depth {pred['depth']} (N {pred['params']:,}, "
               f"D {pred['tokens']:,} tokens), val loss {pred['loss']:.4f} (95% {lo:.4f}-{hi:.4f})")
+        for name, (plo, phi) in pred.get("interval_parts", {}).items():
+            print(f"  interval part, {name}: {plo:.4f}-{phi:.4f}")
         if pred["note"]:
             print(f"  note: {pred['note']}")
     ver = ladder.get("verify")

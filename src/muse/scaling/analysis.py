@@ -3,10 +3,11 @@
 `fit_ladder(rows)` takes `ladder.collect`'s rows (status 'ok' ones are fitted; diverged and excluded
 ones are named in `notes`) and returns a JSON-able dict: per budget the IsoFLOP parabola and its
 vertex, the power laws N_opt(C) and D_opt(C) with bootstrap intervals on their exponents, and the
-parametric L(N, D) with bootstrap intervals on every parameter. `predict(fits, candidates)` picks the
-size the parametric fit says is best at a budget among the runs that budget allows (each a whole
-depth, within one epoch) and gives its loss with a 95% prediction interval. `verdict(prediction, loss)`
-compares a verified run with it.
+parametric L(N, D) with bootstrap intervals on every parameter, the coupled form beside it, and the
+backtests (muse.scaling.interval). `predict(fits, candidates)` picks the size the parametric fit says
+is best at a budget among the runs that budget allows (each a whole depth, within one epoch) and gives
+its loss with the stated 95% interval: the bootstrap's, widened by model-form error (interval.py).
+`verdict(prediction, loss)` compares a verified run with it.
 
 Everything is deterministic for the same rows (fixed bootstrap seeds), so the same runs give the same
 ladder.json however they were scheduled. What it does not know: training or files (muse.scaling.ladder).
@@ -22,6 +23,7 @@ import torch
 
 from muse.common.errors import UsageError
 from muse.scaling import fit as F
+from muse.scaling import interval as IV
 
 LEVEL = 0.95
 
@@ -39,6 +41,10 @@ class Fits:
     n_opt_boot: list[F.PowerLaw]
     d_opt_boot: list[F.PowerLaw]
     data: dict
+    forms: dict[str, IV.FormFit]  # "chinchilla" (= parametric, boots, residuals) and "coupled" where fitted
+    folds: list[dict]  # the backtests (JSON-able, also in data)
+    c_max: float  # the largest budget fitted
+    rows: list[dict]  # the runs fitted (for the per-size part of the interval)
 
 
 def _d_at(budget: float, n_star: float, runs: list[dict]) -> float:
@@ -118,14 +124,12 @@ def _fit_ladder(rows: list[dict], resamples: int, seed: int) -> tuple[dict, Fits
     if len(ok) < 5:
         raise UsageError(f"only {len(ok)} ladder run(s) finished; the L(N, D) fit needs at least 5 "
                          "(train the ladder first, or give more budgets and --sizes)")
-    n = np.array([r["params"] for r in ok], dtype=np.float64)
-    d = np.array([r["tokens"] for r in ok], dtype=np.float64)
-    loss = np.array([r["val_loss"] for r in ok], dtype=np.float64)
-    budgets = sorted({r["budget"] for r in ok})
-    groups = [budgets.index(r["budget"]) for r in ok]
-    par = F.fit_parametric(n, d, loss)
-    boots = F.bootstrap_parametric(n, d, loss, par, resamples=resamples, seed=seed, groups=groups)
-    residuals = F.log_residuals(par, n, d, loss)
+    forms = IV.fit_forms(ok, resamples=resamples, seed=seed, notes=notes)
+    par, boots, residuals = forms["chinchilla"].fit, forms["chinchilla"].boots, forms["chinchilla"].residuals
+    folds = IV.backtests(ok, resamples=resamples, seed=seed, level=LEVEL)
+    if not folds:
+        notes.append(f"no backtest: it needs a budget above {IV.MIN_FIT_BUDGETS} fitted ones; the interval has no "
+                     "backtest band and its coverage is unmeasured")
 
     isoflop, opt = _isoflops(ok, notes)
     n_law = d_law = None
@@ -146,6 +150,9 @@ def _fit_ladder(rows: list[dict], resamples: int, seed: int) -> tuple[dict, Fits
             "residual_rms": float(np.sqrt(np.mean(residuals ** 2))),
             "a_opt": par.beta / (par.alpha + par.beta), "b_opt": par.alpha / (par.alpha + par.beta),
         },
+        "coupled": _form_json(forms.get("coupled")),
+        "backtests": folds,
+        "coverage": IV.coverage(folds),
         "isoflop": [{**i.as_dict(), "d_opt": o[1]} for i, o in zip(isoflop, opt)],
         "n_opt": _law_json(n_law, n_boot),
         "d_opt": _law_json(d_law, d_boot),
@@ -153,7 +160,17 @@ def _fit_ladder(rows: list[dict], resamples: int, seed: int) -> tuple[dict, Fits
         "notes": notes,
     }
     return data, Fits(parametric=par, boots=boots, residuals=residuals, isoflop=isoflop, n_opt=n_law, d_opt=d_law,
-                      n_opt_boot=n_boot, d_opt_boot=d_boot, data=data)
+                      n_opt_boot=n_boot, d_opt_boot=d_boot, data=data, forms=forms, folds=folds,
+                      c_max=max(r["budget"] for r in ok), rows=ok)
+
+
+def _form_json(form: IV.FormFit | None) -> dict | None:
+    if form is None:
+        return None
+    names = (*F.PARAM_NAMES, "gamma")
+    return {**form.fit.as_dict(), "intervals": {k: list(F.interval([getattr(b, k) for b in form.boots], LEVEL))
+                                                for k in names},
+            "resamples": len(form.boots), "residual_rms": float(np.sqrt(np.mean(form.residuals ** 2)))}
 
 
 def _law_json(law: F.PowerLaw | None, boot: list[F.PowerLaw]) -> dict | None:
@@ -175,12 +192,16 @@ def predict(fits: Fits, budget: float, candidates: list[dict]) -> dict:
     best = min(usable, key=pred)
     best_any = min(candidates, key=pred)
     n_star, d_star = par.optimal_split(budget / 6.0)
-    lo, hi = F.prediction_interval(par, fits.boots, best["params"], best["tokens"], fits.residuals, level=LEVEL)
+    band = IV.band(fits.folds, budget, fits.c_max)
+    stated, parts = IV.stated_interval(fits.forms, best["params"], best["tokens"], band, LEVEL, fits.rows)
     mean_lo, mean_hi = F.interval([float(b.loss(best["params"], best["tokens"])) for b in fits.boots], LEVEL)
     out = {
         "budget": budget, "name": best["name"], "depth": best["depth"], "params": best["params"],
         "tokens": best["tokens"], "flops": best["flops"], "steps": best["steps"],
-        "loss": pred(best), "interval": [lo, hi], "fit_interval": [mean_lo, mean_hi],
+        "loss": pred(best), "interval": stated, "interval_parts": parts, "backtest_band": band,
+        "fit_interval": [mean_lo, mean_hi],
+        "coupled_loss": fits.forms["coupled"].point(best["params"], best["tokens"]) if "coupled" in fits.forms else None,
+        "per_size_loss": parts["per_size"][0] if "per_size" in parts else None,
         "continuous_optimum": {"params": n_star, "tokens": d_star},
         "isoflop_n_opt": float(fits.n_opt(budget)) if fits.n_opt else None,
         "isoflop_d_opt": float(fits.d_opt(budget)) if fits.d_opt else None,

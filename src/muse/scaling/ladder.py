@@ -60,6 +60,13 @@ class LadderConfig:
     eval_batches: int = 64
     sets: tuple[str, ...] = ()  # any `muse train --set KEY=VALUE`, the same for every run
     device: str = "auto"
+    # Muon's momentum warmup (0.85 -> 0.95) as a fraction of each run's steps, like its LR schedule; 0 keeps
+    # `muse train`'s fixed 300 steps, which runs shorter than 300 steps never finish (docs/scaling.md).
+    momentum_warmup_frac: float = 0.25
+
+    def momentum_warmup_steps(self, steps: int) -> int | None:
+        """The run's optim.momentum_warmup_steps, or None to leave `muse train`'s default."""
+        return round(self.momentum_warmup_frac * steps) if self.momentum_warmup_frac > 0 else None
 
     def train_flags(self) -> dict:
         return {"seq_len": self.seq_len, "batch_size": self.batch_size, "eval_batches": self.eval_batches}
@@ -191,8 +198,12 @@ def run_path(run_dir: Path, spec: RunSpec) -> Path:
 
 def _identity(cfg: LadderConfig, spec: RunSpec) -> dict:
     """What makes a run this run: a directory made with anything else is not reused."""
-    return {"depth": spec.depth, "steps": spec.steps, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-            "eval_batches": cfg.eval_batches, "sets": list(cfg.sets)}
+    ident = {"depth": spec.depth, "steps": spec.steps, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+             "eval_batches": cfg.eval_batches, "sets": list(cfg.sets)}
+    warmup = cfg.momentum_warmup_steps(spec.steps)
+    if warmup is not None:  # absent when 0: directories made before the option read the same
+        ident["momentum_warmup_steps"] = warmup
+    return ident
 
 
 def prepare_run_dir(run_dir: Path, cfg: LadderConfig, spec: RunSpec, *, force: bool = False) -> Path:
@@ -241,7 +252,10 @@ def train_argv(run_dir: Path, cfg: LadderConfig, spec: RunSpec, *, resume: bool)
             "--batch-size", str(cfg.batch_size), "--max-steps", str(spec.steps), "--eval-every", "0",
             "--save-every", str(max(1, math.ceil(spec.steps / 4))), "--device", cfg.device,
             "--set", f"eval_batches={cfg.eval_batches}", "--set", "tensorboard=false"]
-    for s in cfg.sets:
+    warmup = cfg.momentum_warmup_steps(spec.steps)
+    if warmup is not None:
+        argv += ["--set", f"optim.momentum_warmup_steps={warmup}"]
+    for s in cfg.sets:  # after the ladder's own: a user's --set wins
         argv += ["--set", s]
     return argv + (["--resume"] if resume else [])
 

@@ -1,8 +1,9 @@
 """The ladder's pictures and report.md: IsoFLOP curves, the loss-vs-compute envelope, N_opt(C), prediction vs actual.
 
 `write_report(ladder_dir, ladder, fits)` draws four PNGs (matplotlib, Agg backend, written atomically)
-and RUN/ladder/report.md with the runs table, the fits with their intervals and the prediction. It
-reads only the ladder.json dict and the fitted objects; it knows nothing of training.
+and RUN/ladder/report.md with the runs table, the fits with their intervals, the backtests and the
+prediction with how its interval was made. It reads only the ladder.json dict and the fitted objects;
+it knows nothing of training.
 """
 
 from __future__ import annotations
@@ -174,6 +175,53 @@ def _fmt_iv(iv) -> str:
     return f"[{iv[0]:.4g}, {iv[1]:.4g}]"
 
 
+def _coupled_lines(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    iv = c["intervals"]
+    return [f"Coupled form L = E + A / N^alpha + B / (N^gamma D^beta) (the N x D interaction; gamma = 0 is the fit above): "
+            f"E {c['E']:.4g}, A {c['A']:.4g}, B {c['B']:.4g}, alpha {c['alpha']:.3f}, beta {c['beta']:.3f}, "
+            f"**gamma {c['gamma']:+.3f}** (95% {_fmt_iv(iv['gamma'])}), residual rms {c['residual_rms']:.2%}.", ""]
+
+
+def _backtest_lines(fits: dict) -> list[str]:
+    folds = fits.get("backtests") or []
+    if not folds:
+        return ["Backtests: none (they need a budget above two fitted ones).", ""]
+    cov = fits["coverage"]
+    lines = ["Backtests (fit on the smaller budgets, predict the next; error = ln(actual / separable prediction)):", "",
+             "| fitted on | run | actual | separable | coupled | per size | error | in bootstrap 95% | in stated 95% |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for f in folds:
+        fitted = ", ".join(format_flops(b) for b in f["fit_budgets"])
+        for r in f["runs"]:
+            coupled = f"{r['coupled']:.4f}" if "coupled" in r else "-"
+            own = f"{r['per_size']:.4f}" if "per_size" in r else "-"
+            lines.append(f"| {fitted} | {r['name']} | {r['actual']:.4f} | {r['predicted']:.4f} | {coupled} | {own} | "
+                         f"{r['error']:+.2%} | {'yes' if r['inside_bootstrap'] else 'no'} | "
+                         f"{'yes' if r['inside_stated'] else 'no'} |")
+    lines += ["", f"Coverage on backtests: the stated interval held {cov['inside_stated']} of {cov['runs']} held-out runs, "
+              f"the bootstrap interval alone {cov['inside_bootstrap']} ({cov['folds']} fold(s); largest |error| "
+              f"{cov['max_abs_error']:.2%}).", ""]
+    return lines
+
+
+def _interval_lines(pred: dict) -> list[str]:
+    """How the stated interval was made: its parts, each a line."""
+    parts = pred.get("interval_parts") or {}
+    names = {"chinchilla": "separable fit: bootstrap over runs x a residual drawn at random (parameter noise and scatter)",
+             "coupled": "coupled form, the same way (model-form error: the N x D interaction)",
+             "backtest": f"backtest band: the separable prediction x exp(+-{pred.get('backtest_band', 0.0):.2%}), the "
+                         "largest backtest error scaled to this distance (model-form error, measured)",
+             "per_size": "this size's own runs: a pure power law in D (no floor, no shared exponents) carried to "
+                         "this D (model-form error: the opposite assumptions)"}
+    lines = ["The stated interval is the union of:", ""]
+    lines += [f"- {_fmt_iv(v)}: {names.get(k, k)}" for k, v in parts.items()]
+    if pred.get("coupled_loss") is not None:
+        lines += [f"- (the coupled form's own prediction: {pred['coupled_loss']:.4f})"]
+    return lines
+
+
 def write_report(ladder_dir: Path, ladder: dict, fits: Fits, *, wall: dict | None = None) -> Path:
     """The four PNGs and report.md in `ladder_dir` (RUN/ladder); returns report.md's path."""
     for name, fn in (("isoflop", plot_isoflop), ("envelope", plot_envelope), ("n_opt", plot_n_opt),
@@ -202,6 +250,7 @@ def write_report(ladder_dir: Path, ladder: dict, fits: Fits, *, wall: dict | Non
     for k in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"| {k} | {p[k]:.4g} | {_fmt_iv(iv[k])} |")
     lines += ["", f"Compute-optimal split implied by the fit: N_opt ~ C^{p['a_opt']:.3f}, D_opt ~ C^{p['b_opt']:.3f}.", ""]
+    lines += _coupled_lines(ladder["fits"].get("coupled")) + _backtest_lines(ladder["fits"])
     if ladder["fits"]["isoflop"]:
         lines += ["IsoFLOP minima (parabola in ln N per budget):", "", "| budget | N_opt | D_opt | min loss | inside the sizes |",
                   "|---:|---:|---:|---:|---|"]
@@ -222,7 +271,8 @@ def write_report(ladder_dir: Path, ladder: dict, fits: Fits, *, wall: dict | Non
         lines += ["## Prediction", "",
                   f"At C = {format_flops(pred['budget'])}: depth {pred['depth']} (N = {pred['params']:,}, "
                   f"D = {pred['tokens']:,} tokens, {pred['steps']} steps), predicted val loss **{pred['loss']:.4f}**, "
-                  f"95% prediction interval {_fmt_iv(pred['interval'])} (fit only: {_fmt_iv(pred['fit_interval'])}).",
+                  f"95% interval **{_fmt_iv(pred['interval'])}** (the mean curve alone: {_fmt_iv(pred['fit_interval'])}).",
+                  "", *_interval_lines(pred), "",
                   f"Continuous optimum of the fit: N = {pred['continuous_optimum']['params']:,.0f}, "
                   f"D = {pred['continuous_optimum']['tokens']:,.0f}"
                   + (f"; IsoFLOP power law: N_opt = {pred['isoflop_n_opt']:,.0f}" if pred.get("isoflop_n_opt") else "")

@@ -243,7 +243,8 @@ class TrainLoop:
         """One optimizer step; returns this rank's share of the step's mean loss (summed over ranks: the mean)."""
         self.optimizer.set_lr_multiplier(lr_multiplier(step, self.schedule))
         if self.optim_cfg.name == "muon":
-            self.optimizer.set_muon_momentum(muon_momentum(step, end=self.optim_cfg.momentum))
+            self.optimizer.set_muon_momentum(muon_momentum(step, end=self.optim_cfg.momentum,
+                                                           warmup_steps=self.optim_cfg.momentum_warmup_steps))
         batches = [self.objective.next_batch() for _ in range(self.plan.grad_accum)]
         units, self.step_tokens = self._global_counts(batches)
         self.step_units = units

@@ -55,6 +55,7 @@ class OptimConfig:
     # --- name == "muon": Muon for hidden matrices, AdamW for the rest (nanochat's defaults)
     matrix_lr: float = 0.02  # Muon
     momentum: float = 0.95  # Muon; see schedule.muon_momentum for the 0.85 -> 0.95 warmup
+    momentum_warmup_steps: int = 300  # Muon momentum ramps 0.85 -> `momentum` over these steps (0: none)
     nesterov: bool = True
     ns_steps: int = 5
     ns_dtype: str = "auto"  # Newton-Schulz dtype: bf16 on CUDA and bf16-capable CPUs, else fp32 (muon.py)
@@ -88,6 +89,8 @@ class OptimConfig:
                 raise ConfigError(f"{field} must be >= 0, got {getattr(self, field)}.")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}.")
+        if self.momentum_warmup_steps < 0:
+            raise ConfigError(f"momentum_warmup_steps must be >= 0, got {self.momentum_warmup_steps}.")
         for field in ("adam_betas", "betas"):
             betas = getattr(self, field)
             if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):

@@ -95,6 +95,12 @@ def run(args) -> int:
         print(json.dumps(results.data, indent=2))
     else:
         print(results_table(results.data))
+        paired = results.data.get("paired")
+        if paired and paired["tasks"]:
+            from muse.eval.report import paired_table
+
+            print(f"\npaired with {paired['baseline']} ({paired['confidence']:.0%} bootstrap interval of the difference):")
+            print(paired_table(paired))
         print(f"\nreport: {out / 'report.md'}")
     for error in results.errors:
         print(f"muse eval: error: {error}", file=sys.stderr)

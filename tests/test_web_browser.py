@@ -123,7 +123,7 @@ def test_a_chat_streams_token_by_token_and_the_usage_page_counts_it(tab, server)
 
     page = tab.open("/ui/")
     assert page.input_value("#key") == key
-    chat(page, "Speak, friend.")
+    chat(page, "Speak, friend.", max_tokens=80)  # long enough that the stream spans several reads even under load
     assert not page.is_visible("#error")
     assert int(page.get_attribute("#output", "data-reads")) >= 2       # several network reads, not one body
     pieces = int(page.get_attribute("#output", "data-pieces"))
@@ -136,7 +136,7 @@ def test_a_chat_streams_token_by_token_and_the_usage_page_counts_it(tab, server)
     assert "p=" in info and "top:" in info                         # the top alternatives on hover
     curl, python = page.inner_text("#curl"), page.inner_text("#python")
     assert "$MUSE_API_KEY" in curl and key not in curl and key not in python and "Speak, friend." in python
-    assert '"max_tokens": 40' in curl and "max_tokens=40" in python and "chat.completions.create" in python
+    assert '"max_tokens": 80' in curl and "max_tokens=80" in python and "chat.completions.create" in python
     assert not any(key in url for url in tab.requests)              # never in a URL
 
     page = tab.open("/ui/partner.html")

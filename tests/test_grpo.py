@@ -405,3 +405,45 @@ def test_bad_input_is_one_line_and_exit_2(toy, muse, args, needle):
     code, out, err = muse("grpo", str(run), "--device", "cpu", *args)
     assert code == 2, (out, err)
     assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+# --- groups without a reward spread ----------------------------------------------------------------
+
+
+def test_keep_informative_drops_equal_groups_and_fills_up_to_the_micro_batches():
+    from muse.posttrain.grpo import keep_informative
+
+    seqs = [f"g{g}s{s}" for g in range(3) for s in range(2)]  # 3 groups of 2, in group order
+    assert keep_informative(seqs, [False, True, False], 2, 1) == ["g1s0", "g1s1"]
+    assert keep_informative(seqs, [True, True, True], 2, 1) == seqs
+    # nothing informative: the first sequences fill the micro-batches (advantage 0: no gradient)
+    assert keep_informative(seqs, [False, False, False], 2, 3) == ["g0s0", "g0s1", "g1s0"]
+    assert keep_informative(seqs, [False, True, False], 2, 3) == ["g1s0", "g1s1", "g0s0"]
+
+
+@pytest.mark.parametrize("answers", [["fair"], ["no-such-token-sequence-ever"]])
+def test_drop_equal_groups_trains_on_informative_groups_only(toy, answers):
+    """With drop_equal_groups the update's batch holds only groups whose rewards differ (each of their
+    samples has a non-zero advantage); when no group differs (a reward nothing can earn) one sequence is
+    left, with advantage 0, and the run still steps."""
+    from muse.posttrain.grpo import grpo_loop
+
+    run, task = toy
+    cfg = load_grpo_config(None, {"tasks": (str(task(answers, 1)),), "max_steps": 3, "group_size": 4,
+                                  "prompts_per_step": 8, "device": "cpu", "eval_every": 0, "save_every": 0,
+                                  "eval_prompts": 0, "log_every": 1, "tensorboard": False, "plot": False},
+                           ["optim.name=adamw", "optim.lr=0.03", "drop_equal_groups=true"])
+    loop = grpo_loop(cfg, run)
+    assert loop.train().steps == 3
+    rows = _rows(run)
+    assert len(rows) == 3 and all(0.0 <= r["informative_groups"] <= 1.0 for r in rows)
+    obj = loop.objective
+    obj.next_batch()  # step 4's rollout
+    advs = [s[3] for s in obj._batch]
+    informative = round(obj.step_metrics()["informative_groups"] * 8)
+    if informative:
+        assert len(advs) == 4 * informative and all(a != 0 for a in advs)
+    else:
+        assert advs == [0.0]
+    if answers != ["fair"]:
+        assert all(r["informative_groups"] == 0.0 for r in rows) and not informative

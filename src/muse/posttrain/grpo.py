@@ -33,7 +33,11 @@ On by default and why:
 - A group whose rewards are all equal (all right or all wrong) has zero advantage and so no gradient,
   but its tokens still count in loss_units: the step is the mean over everything sampled, so a step of
   mostly solved groups moves less, and the scale of a step does not jump with how many groups happened
-  to be informative (DAPO's dynamic sampling re-rolls them instead; we do not).
+  to be informative. `drop_equal_groups` (off by default) leaves such groups out of the update instead:
+  no forward or backward on them (the update is most of a step's time), and the step's mean is over the
+  informative groups' tokens only (DAPO's dynamic sampling re-rolls them to refill the batch; this only
+  drops them). With kl_coef > 0 the dropped groups' KL term goes too. `informative_groups` in the
+  metrics is the share of groups whose rewards differ, either way.
 - Truncated replies ("length") are trained on like the others; they usually score 0.
 
 Weights and the engine: rollouts.weights_changed() (prefix cache reset, and the weight copy under FSDP)
@@ -48,7 +52,7 @@ mean over all k samples of the task grade being 1 (not greedy: `muse eval` gives
 `pass@k` the share of prompts with at least one right sample, `val_reward` the mean reward. Per task too
 when there are several. `step_metrics`: reward_mean, reward_std, pass_rate, response_len, entropy (of the
 policy at the sampled positions, from the training forward), kl (with kl_coef > 0), rollout_s (the
-engine and the rewards), update_s (the rest of the step), reward_errors.
+engine and the rewards), update_s (the rest of the step), reward_errors, informative_groups.
 
 What it does not know: resume, checkpoints, optimizers (the loop's), the engine (muse.posttrain.rollout),
 how rewards score (muse.posttrain.rewards), tasks (muse.tasks).
@@ -119,6 +123,7 @@ class GRPOConfig(LoopConfig):
     clip_eps: float = 0.2  # PPO ratio clipping, active when updates_per_batch > 1
     updates_per_batch: int = 1  # optimizer steps per rollout batch
     kl_coef: float = 0.0  # weight of the k3 KL to the init_from reference (0: no reference at all)
+    drop_equal_groups: bool = False  # leave groups whose rewards are all equal out of the update (below)
     max_steps: int = 100
     eval_every: int = 20
     eval_prompts: int = 64  # validation prompts per evaluation, over all tasks
@@ -189,6 +194,16 @@ def token_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     B, T, V = logits.shape
     nll = F.cross_entropy(logits.view(B * T, V), y.view(B * T), ignore_index=-1, reduction="none")
     return -nll.view(B, T), logits
+
+
+def keep_informative(seqs: list, informative: list[bool], group_size: int, least: int) -> list:
+    """The sequences of the groups whose rewards differ (`seqs` in group order, `group_size` each); when that
+    leaves fewer than `least` (the micro-batches to fill), the first left-out ones fill up: their advantages
+    are 0, so they add tokens to the step's count and nothing to its gradient."""
+    kept = [s for i, s in enumerate(seqs) if informative[i // group_size]]
+    if len(kept) < least:
+        kept += [s for i, s in enumerate(seqs) if not informative[i // group_size]][:least - len(kept)]
+    return kept
 
 
 def rollout_seed(seed: int, step: int, prompt: int) -> int:
@@ -397,7 +412,9 @@ class GRPO(Objective):
         if len(rewards) != len(rollouts):
             raise UsageError(f"reward {self.reward.name} returned {len(rewards)} scores for {len(rollouts)} replies")
         G = cfg.group_size
-        advs = group_advantages([rewards[i * G:(i + 1) * G] for i in range(len(groups))], cfg.scale_rewards)
+        by_group = [rewards[i * G:(i + 1) * G] for i in range(len(groups))]
+        advs = group_advantages(by_group, cfg.scale_rewards)
+        informative = [max(g) > min(g) for g in by_group]
         passes = self._passes(rollouts)
         acc = self._acc
         acc["rollouts"] += 1
@@ -407,7 +424,11 @@ class GRPO(Objective):
         acc["passes"] += sum(passes)
         acc["response_tokens"] += sum(len(c.token_ids) for g in groups for c in g)
         acc["errors"] += reward_errors(self.reward) - errors
+        acc["groups"] += len(groups)
+        acc["informative"] += sum(informative)
         seqs = [(p.ids, c.token_ids, c.logprobs, a) for p, g, ga in zip(prompts, groups, advs) for c, a in zip(g, ga)]
+        if cfg.drop_equal_groups:
+            seqs = keep_informative(seqs, informative, G, self.grad_accum)
         self._step_rollout_s = time.perf_counter() - t0
         acc["rollout_s"] += self._step_rollout_s
         return seqs
@@ -507,7 +528,7 @@ class GRPO(Objective):
     # ----- metrics
     def _reset_acc(self) -> None:
         self._acc = dict.fromkeys(("rollouts", "samples", "reward", "reward_sq", "passes", "response_tokens", "errors",
-                                   "rollout_s", "update_s", "steps"), 0.0)
+                                   "groups", "informative", "rollout_s", "update_s", "steps"), 0.0)
         ctx = getattr(self, "ctx", None)
         # entropy sum, kl sum, completion tokens: added to on the device, read at log steps only
         self._acc_t = torch.zeros(3, dtype=torch.float32, device=ctx.device if ctx is not None else "cpu")
@@ -526,7 +547,7 @@ class GRPO(Objective):
             mean = a["reward"] / a["samples"]
             out.update(reward_mean=mean, reward_std=math.sqrt(max(a["reward_sq"] / a["samples"] - mean * mean, 0.0)),
                        pass_rate=a["passes"] / a["samples"], response_len=a["response_tokens"] / a["samples"],
-                       reward_errors=a["errors"])
+                       reward_errors=a["errors"], informative_groups=a["informative"] / max(a["groups"], 1))
         if a["tokens"]:
             out["entropy"] = a["entropy"] / a["tokens"]
             if self.ref is not None:

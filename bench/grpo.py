@@ -1,7 +1,7 @@
 """GRPO's goal (issue #14): from an SFT checkpoint, GRPO on one task vs two controls at equal wall time.
 
-    .venv/bin/python bench/grpo.py --sft /tmp/muse_bench_posttrain/sft/step_000350 \
-        --data /tmp/muse_bench_posttrain/data --task letter_count --minutes 20 --threads 2
+    .venv/bin/python bench/grpo.py --sft RUN/sft/step_000400 --data RUN/data --task arithmetic_2digit \
+        --minutes 20 --threads 2
 
 In a scratch directory OUT (default /tmp/grpo_goal; its run dirs link RUN's data/, nothing is written next
 to the SFT checkpoint), with `--threads` torch threads:
@@ -9,16 +9,25 @@ to the SFT checkpoint), with `--threads` torch threads:
 0. baseline: the SFT checkpoint's pass@1 on the task's test split (first --limit items), zero-shot chat,
    greedy (muse.posttrain.taskscore, the scorer of bench/posttrain.py), with a bootstrap SE.
 1. grpo: `muse grpo`'s loop (muse.posttrain.grpo) on the task's train split for --minutes (max_time_s),
-   constant lr, no in-run evaluation (every second goes to training); OUT/grpo_run/grpo/.
+   no in-run evaluation (every second goes to training); OUT/grpo_run/grpo/.
 2. sft (control A): SFT continued from the same checkpoint for --minutes on a mixture of that task's train
-   split only (text_share 0), constant lr; OUT/sft_run/sft/.
+   split only (text_share 0); OUT/sft_run/sft/.
 3. rs (control B, rejection sampling): --rs-group replies per train prompt sampled from the SFT policy by
    the paged engine (muse.posttrain.rollout.Rollouts) at --temperature, graded by the task's grader, the
    correct ones written as a chat JSONL file (OUT/rs_run/correct.jsonl) and SFT on that file; sampling
    runs for --rs-sample-share of --minutes and SFT for the rest, so the arm's total is --minutes.
 Each arm's checkpoint is then scored on the same test items as the baseline. `--arms` picks the arms
-(default all three, in that order); each arm's numbers go to OUT/<arm>.json as it finishes, so arms can
-run in separate invocations; `--report` prints the JSON summary and the markdown table from those files.
+(default baseline and the three, in that order); each arm's numbers go to OUT/<arm>.json as it finishes,
+so arms can run in separate invocations; `--report` prints the JSON summary and the markdown table from
+those files. Two more arms, not in the default: `headroom` (greedy pass@1 of the SFT checkpoint beside
+the pass rate and pass@k of k samples at --temperature, on --headroom-limit test items: what sampling
+finds that greedy misses, which is what GRPO can learn from) and `eval` (`muse eval` on every checkpoint).
+
+The schedule: every arm trains with the same lr shape (--schedule, default wsd with --decay-frac 0.5 of
+the arm decaying to 0; BENCHMARKS.md 9: the decay is where SFT learns its facts). By default the shape is
+fitted to the arm's wall time (`train_sized`: before each step the schedule's horizon becomes the steps
+the budget holds at the rate so far), because a run that max_time_s cuts never reaches its decay;
+--grpo-steps / --sft-steps / --rs-sft-steps fix an arm's steps instead (sweeps at a fixed step count).
 
 Gains are reported in points and in standard errors of the difference: unpaired sqrt(se_a^2 + se_b^2)
 (as bench/posttrain.py) and paired (bootstrap SE of the per-item differences: same items both sides).
@@ -98,22 +107,55 @@ def common_flags(minutes: float) -> dict:
             "plot": False, "tensorboard": False}
 
 
-def lr_sets(prefix_lrs: dict) -> list[str]:
-    return [f"optim.{k}={v}" for k, v in prefix_lrs.items()] + ["schedule.kind=constant", "schedule.warmup_steps=0"]
+def lr_sets(prefix_lrs: dict, args) -> list[str]:
+    """The arm's rates (`prefix_lrs`) and the one schedule shape every arm uses (--schedule, --decay-frac)."""
+    return [f"optim.{k}={v}" for k, v in prefix_lrs.items()] + [
+        f"schedule.kind={args.schedule}", "schedule.warmup_steps=0", f"schedule.decay_frac={args.decay_frac}",
+        "schedule.final_lr_frac=0"]
+
+
+def train_sized(loop, budget_s: float, steps: int):
+    """Run `loop` (a TrainLoop) for `steps` optimizer steps when steps > 0 (its own schedule over them), else
+    for budget_s of wall time with the schedule's shape laid over the time instead of the steps: at each
+    step's first micro-batch (after the loop has set the step's lr) the lr multiplier becomes the shape's
+    value at the share of the budget used so far, so that a wsd or cosine decay ends when the time does
+    (max_time_s alone cuts a step-sized run before it ever decays). Monotone in time, whatever the rate."""
+    if steps > 0:
+        return loop.train()
+    from muse.train.schedule import ScheduleConfig, lr_multiplier
+
+    fine = 1_000_000
+    objective, inner = loop.objective, loop.objective.next_batch
+    t0: list[float] = []
+
+    def next_batch():
+        now = time.perf_counter()
+        if not t0:
+            t0.append(now)
+        shape = ScheduleConfig(**{**loop.schedule.__dict__, "total_steps": fine})
+        used = min((now - t0[0]) / budget_s, 1.0)
+        loop.optimizer.set_lr_multiplier(lr_multiplier(min(round(used * fine), fine - 1), shape))
+        return inner()
+
+    objective.next_batch = next_batch
+    try:
+        return loop.train()
+    finally:
+        objective.next_batch = inner
 
 
 def run_grpo(args, out: Path) -> dict:
     from muse.posttrain.grpo import grpo_loop, load_grpo_config
 
     run = setup_run(out, "grpo_run", Path(args.data))
-    flags = {**common_flags(args.minutes), "tasks": (args.task,), "init_from": str(args.sft), "max_steps": 100_000,
-             "group_size": args.group_size, "prompts_per_step": args.prompts_per_step,
-             "temperature": args.temperature, "seed": args.seed}
+    flags = {**common_flags(args.minutes), "tasks": (args.task,), "init_from": str(args.sft),
+             "eval_prompts": 0, "max_steps": args.grpo_steps or 100_000, "group_size": args.group_size,
+             "prompts_per_step": args.prompts_per_step, "temperature": args.temperature, "seed": args.seed}
     sets = lr_sets(dict(matrix_lr=args.grpo_matrix_lr, embedding_lr=args.grpo_matrix_lr * 10,
-                        head_lr=args.grpo_matrix_lr / 5, scalar_lr=args.grpo_matrix_lr * 2)) + args.grpo_set
+                        head_lr=args.grpo_matrix_lr / 5, scalar_lr=args.grpo_matrix_lr * 2), args) + args.grpo_set
     cfg = load_grpo_config(None, flags, sets)
     t0 = time.perf_counter()
-    res = grpo_loop(cfg, run, force=True).train()
+    res = train_sized(grpo_loop(cfg, run, force=True), args.minutes * 60, args.grpo_steps)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "rollout_s" in r]
@@ -125,9 +167,10 @@ def run_grpo(args, out: Path) -> dict:
             "pass_rate_last10": _mean([r.get("pass_rate") for r in rows[-10:]]),
             "response_len_last10": _mean([r.get("response_len") for r in rows[-10:]]),
             "settings": {"group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
-                         "temperature": cfg.temperature, "optim": _lrs(cfg), "schedule": cfg.schedule.kind,
+                         "temperature": cfg.temperature, "optim": _lrs(cfg), "schedule": _schedule(cfg, args.grpo_steps),
                          "updates_per_batch": cfg.updates_per_batch, "kl_coef": cfg.kl_coef,
-                         "scale_rewards": cfg.scale_rewards, "max_new_tokens": res_max_new(cfg, args)}}
+                         "scale_rewards": cfg.scale_rewards, "drop_equal_groups": cfg.drop_equal_groups,
+                         "max_new_tokens": res_max_new(cfg, args)}}
     return {**info, "ckpt": [str(run), "grpo"]}
 
 
@@ -142,23 +185,28 @@ def _mean(xs) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
+def _schedule(cfg, steps: int) -> str:
+    shape = cfg.schedule.kind if cfg.schedule.kind == "constant" else f"{cfg.schedule.kind} (decay {cfg.schedule.decay_frac})"
+    return f"{shape} over {steps} steps" if steps else f"{shape} fitted to the time"
+
+
 def _lrs(cfg) -> dict:
     return {k: getattr(cfg.optim, k) for k in ("matrix_lr", "embedding_lr", "head_lr", "scalar_lr")}
 
 
-def run_sft(args, run: Path, minutes: float, mixture: Path) -> dict:
+def run_sft(args, run: Path, minutes: float, mixture: Path, steps: int) -> dict:
     from muse.posttrain.sft import load_sft_config, sft_loop
 
-    flags = {**common_flags(minutes), "max_steps": 100_000, "text_share": 0.0, "batch_tokens": args.batch_tokens,
-             "seed": args.seed}
+    flags = {**common_flags(minutes), "max_steps": steps or 100_000, "text_share": 0.0,
+             "batch_tokens": args.batch_tokens, "seed": args.seed}
     sets = [f"init_from={json.dumps(str(args.sft))}", f"mixture={json.dumps(str(mixture))}"]
     sets += lr_sets(dict(matrix_lr=args.sft_matrix_lr, embedding_lr=args.sft_matrix_lr * 10,
-                         head_lr=args.sft_matrix_lr / 5, scalar_lr=args.sft_matrix_lr * 2)) + args.sft_set
+                         head_lr=args.sft_matrix_lr / 5, scalar_lr=args.sft_matrix_lr * 2), args) + args.sft_set
     cfg = load_sft_config(None, flags, sets)
     t0 = time.perf_counter()
-    res = sft_loop(cfg, run, force=True).train()
+    res = train_sized(sft_loop(cfg, run, force=True), minutes * 60, steps)
     return {"steps": res.steps, "train_wall_s": round(time.perf_counter() - t0, 1), "tokens": res.tokens,
-            "settings": {"optim": _lrs(cfg), "schedule": cfg.schedule.kind, "batch_tokens": cfg.batch_tokens,
+            "settings": {"optim": _lrs(cfg), "schedule": _schedule(cfg, steps), "batch_tokens": cfg.batch_tokens,
                          "text_share": cfg.text_share}, "ckpt": [str(run), "sft"]}
 
 
@@ -166,7 +214,7 @@ def run_control_sft(args, out: Path) -> dict:
     run = setup_run(out, "sft_run", Path(args.data))
     mixture = run / "mixture.toml"
     mixture.write_text(f'[[source]]\ntask = "{args.task}"\n')
-    return run_sft(args, run, args.minutes, mixture)
+    return run_sft(args, run, args.minutes, mixture, args.sft_steps)
 
 
 def run_rs(args, out: Path) -> dict:
@@ -175,6 +223,7 @@ def run_rs(args, out: Path) -> dict:
 
     import muse.tasks as tasks_lib
     from muse.checkpoint import load
+    from muse.common.errors import DataError
     from muse.posttrain.rollout import Rollouts
     from muse.tokenizer import END_ID, EOT_ID, render_prompt
     from muse.tokenizer.text import TextStream
@@ -219,20 +268,72 @@ def run_rs(args, out: Path) -> dict:
         rollouts.engine.reset_prefix_cache()
     sample_s = time.perf_counter() - t_start
     if not kept:
-        raise RuntimeError("rejection sampling kept no correct reply; nothing to train on")
+        raise DataError(f"rejection sampling: none of the {sampled} replies to {asked} train prompts was right, so "
+                        "control B has nothing to train on; raise --rs-sample-share or --rs-group")
     data = run / "correct.jsonl"
     data.write_text("".join(json.dumps(k) + "\n" for k in kept))
     mixture = run / "mixture.toml"
     mixture.write_text(f'[[source]]\nfile = "{data}"\n')
     del rollouts, model
     left = args.minutes - (time.perf_counter() - t_start) / 60
-    info = run_sft(args, run, max(left, 0.1), mixture)
+    info = run_sft(args, run, max(left, 0.1), mixture, args.rs_sft_steps)
     info.update(sample_s=round(sample_s, 1), prompts_sampled=asked, replies_sampled=sampled,
                 sample_pass_rate=round(right / max(sampled, 1), 4), kept=len(kept),
                 arm_wall_s=round(time.perf_counter() - t_start, 1))
     info["settings"].update(rs_group=args.rs_group, temperature=args.temperature, sample_share=args.rs_sample_share,
                             dedupe=args.rs_dedupe)
     return info
+
+
+def headroom(args) -> dict:
+    """What sampling can find that greedy decoding misses, on the first --headroom-limit test items: greedy
+    pass@1 (taskscore) beside the mean pass rate and pass@k of k = --headroom-k samples at --temperature.
+    GRPO learns from the right samples of a group; a greedy score it can lift needs pass@k well above it."""
+    import torch
+
+    import muse.tasks as tasks_lib
+    from muse.checkpoint import load
+    from muse.posttrain.rollout import Rollouts
+    from muse.posttrain.taskscore import bootstrap_se
+    from muse.tokenizer import END_ID, EOT_ID, render_prompt
+    from muse.tokenizer.text import TextStream
+
+    t0 = time.perf_counter()
+    greedy = score(Path(args.sft), args.task, args.headroom_limit)
+    task = tasks_lib.get(args.task)
+    model, tok, _ = load(args.sft)
+    samples = task.samples("test")[:args.headroom_limit]
+    max_new = task.generation.max_tokens
+    room = model.config.max_seq_len - max_new
+    k, chunk = args.headroom_k, 32
+    rollouts = Rollouts(model, max_prompt_tokens=room, max_new_tokens=max_new, max_sequences=chunk * k,
+                        eos_ids=(END_ID, EOT_ID))
+    rates, anys = [], []
+    for start in range(0, len(samples), chunk):
+        batch = samples[start:start + chunk]
+        ids = [render_prompt(tok, tasks_lib.build_messages(task, s)) for s in batch]
+        with torch.no_grad():
+            groups = rollouts.generate(ids, n=k, temperature=args.temperature,
+                                       seeds=[args.seed + start + i for i in range(len(batch))])
+        rollouts.engine.reset_prefix_cache()
+        for sample, group in zip(batch, groups):
+            right = []
+            for c in group:
+                stream = TextStream(tok, stop=task.generation.chat_stop)
+                text = stream.push(c.token_ids) + stream.finish()
+                try:
+                    right.append(float(tasks_lib.grade_sample(task, sample, text).score >= 1.0))
+                except Exception:
+                    right.append(0.0)
+            rates.append(sum(right) / k)
+            anys.append(float(max(right) > 0))
+    n = len(rates)
+    return {"greedy_pass1": greedy["pass1"], "greedy_se": greedy["se"], "n": n, "k": k,
+            "temperature": args.temperature, "sampled_pass1": sum(rates) / n, "sampled_se": bootstrap_se(rates),
+            f"pass@{k}": sum(anys) / n, f"pass@{k}_se": bootstrap_se(anys),
+            # the items greedy gets wrong that some sample gets right: what RL can hope to turn
+            "greedy_wrong_sample_right": sum(1 for g, a in zip(greedy["items"], anys) if g < 1 and a > 0) / n,
+            "s": round(time.perf_counter() - t0, 1)}
 
 
 def report(args, out: Path) -> int:
@@ -292,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="/tmp/muse_bench_posttrain/data", help="the run's data/ (tokenizer match)")
     p.add_argument("--out", default="/tmp/grpo_goal")
     p.add_argument("--task", default="letter_count")
-    p.add_argument("--arms", default="baseline,grpo,sft,rs", help="comma-separated: baseline, grpo, sft, rs, eval (muse eval on all)")
+    p.add_argument("--arms", default="baseline,grpo,sft,rs",
+                   help="comma-separated: baseline, grpo, sft, rs, eval (muse eval on all), headroom (greedy vs sampled)")
     p.add_argument("--report", action="store_true", help="only print the summary of OUT/*.json")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-time budget of each arm")
     p.add_argument("--threads", type=int, default=2)
@@ -306,11 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-matrix-lr", type=float, default=0.002, help="the controls' Muon lr, same ratios")
     p.add_argument("--batch-tokens", type=int, default=4096, help="the controls' padded tokens per micro-batch")
     p.add_argument("--rs-group", type=int, default=8, help="samples per train prompt (control B)")
+    p.add_argument("--headroom-limit", type=int, default=300, help="test items of the headroom arm")
+    p.add_argument("--headroom-k", type=int, default=8, help="samples per item of the headroom arm")
     p.add_argument("--rs-sample-share", type=float, default=0.3, help="share of the budget spent sampling (control B)")
     p.add_argument("--rs-dedupe", action=argparse.BooleanOptionalAction, default=False,
                    help="keep identical correct replies of a prompt once")
     p.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE", help="extra GRPO config")
     p.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="extra SFT config (A and B)")
+    p.add_argument("--schedule", choices=("wsd", "cosine", "constant"), default="wsd",
+                   help="every arm's lr schedule shape (wsd: constant, then a linear decay to 0)")
+    p.add_argument("--decay-frac", type=float, default=0.5, help="wsd: the share of the arm that decays")
+    p.add_argument("--grpo-steps", type=int, default=0,
+                   help="GRPO steps (the schedule over them; --minutes still caps); 0 = fit the schedule to --minutes")
+    p.add_argument("--sft-steps", type=int, default=0, help="control A's steps; 0 = fit to --minutes")
+    p.add_argument("--rs-sft-steps", type=int, default=0, help="control B's SFT steps; 0 = fit to what is left")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,15 +434,20 @@ def main(argv: list[str] | None = None) -> int:
     from muse.common.errors import MuseError
 
     arms = [a for a in args.arms.split(",") if a]
-    bad = [a for a in arms if a not in ("baseline", *ARMS, "eval")]
+    bad = [a for a in arms if a not in ("baseline", *ARMS, "eval", "headroom")]
     if bad:
-        print(f"error: --arms: unknown arm '{bad[0]}' (baseline, grpo, sft, rs, eval)", file=sys.stderr)
+        print(f"error: --arms: unknown arm '{bad[0]}' (baseline, grpo, sft, rs, eval, headroom)", file=sys.stderr)
         return 2
     try:
         for arm in arms:
             t0, load0 = time.perf_counter(), load_avg()
             if arm == "eval":
                 (out / "eval.json").write_text(json.dumps(muse_eval(out, args), indent=1))
+                continue
+            if arm == "headroom":
+                h = headroom(args)
+                (out / "headroom.json").write_text(json.dumps(h, indent=1))
+                print(f"headroom: {json.dumps(h)}", file=sys.stderr, flush=True)
                 continue
             if arm == "baseline":
                 r = score(Path(args.sft), args.task, args.limit)
@@ -347,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     except MuseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return report(args, out)
+    return report(args, out) if (out / "baseline.json").exists() else 0
 
 
 if __name__ == "__main__":

@@ -217,16 +217,49 @@ def run_control_sft(args, out: Path) -> dict:
     return run_sft(args, run, args.minutes, mixture, args.sft_steps)
 
 
-def run_rs(args, out: Path) -> dict:
-    """Sample --rs-group replies per train prompt for a share of the budget, keep the right ones, SFT on them."""
+def task_rollouts(model, task, prompts: int, k: int):
+    """(a Rollouts engine on `model` for `task`'s replies, `prompts` x `k` at once, the prompt room in tokens)."""
+    from muse.posttrain.rollout import Rollouts
+    from muse.tokenizer import END_ID, EOT_ID
+
+    max_new = task.generation.max_tokens
+    room = model.config.max_seq_len - max_new
+    return Rollouts(model, max_prompt_tokens=room, max_new_tokens=max_new, max_sequences=prompts * k,
+                    eos_ids=(END_ID, EOT_ID)), room
+
+
+def graded_replies(rollouts, tok, task, samples, ids, k: int, temperature: float, seeds) -> list[list[tuple[str, bool]]]:
+    """k sampled replies to each prompt `ids[i]` (the chat prompt of `samples[i]`), each as (text, right by the
+    task's grader; a grader that raises counts as wrong); the prefix cache is reset after the batch."""
     import torch
 
     import muse.tasks as tasks_lib
+    from muse.tokenizer.text import TextStream
+
+    with torch.no_grad():
+        groups = rollouts.generate(ids, n=k, temperature=temperature, seeds=seeds)
+    rollouts.engine.reset_prefix_cache()
+    out = []
+    for sample, group in zip(samples, groups):
+        replies = []
+        for c in group:
+            stream = TextStream(tok, stop=task.generation.chat_stop)
+            text = stream.push(c.token_ids) + stream.finish()
+            try:
+                ok = tasks_lib.grade_sample(task, sample, text).score >= 1.0
+            except Exception:
+                ok = False
+            replies.append((text, ok))
+        out.append(replies)
+    return out
+
+
+def run_rs(args, out: Path) -> dict:
+    """Sample --rs-group replies per train prompt for a share of the budget, keep the right ones, SFT on them."""
+    import muse.tasks as tasks_lib
     from muse.checkpoint import load
     from muse.common.errors import DataError
-    from muse.posttrain.rollout import Rollouts
-    from muse.tokenizer import END_ID, EOT_ID, render_prompt
-    from muse.tokenizer.text import TextStream
+    from muse.tokenizer import render_prompt
 
     run = setup_run(out, "rs_run", Path(args.data))
     t_start = time.perf_counter()
@@ -235,11 +268,8 @@ def run_rs(args, out: Path) -> dict:
     model, tok, _ = load(args.sft)
     train = list(task.samples("train"))
     random.Random(args.seed).shuffle(train)
-    max_new = task.generation.max_tokens
-    room = model.config.max_seq_len - max_new
     chunk = args.prompts_per_step
-    rollouts = Rollouts(model, max_prompt_tokens=room, max_new_tokens=max_new,
-                        max_sequences=chunk * args.rs_group, eos_ids=(END_ID, EOT_ID))
+    rollouts, room = task_rollouts(model, task, chunk, args.rs_group)
     kept, asked, sampled, right, pos = [], 0, 0, 0, 0
     while time.perf_counter() - t_start < sample_budget and pos < len(train):
         batch = train[pos:pos + chunk]
@@ -247,25 +277,17 @@ def run_rs(args, out: Path) -> dict:
         msgs = [tasks_lib.build_messages(task, s) for s in batch]
         ids = [render_prompt(tok, m) for m in msgs]
         keep = [i for i, x in enumerate(ids) if len(x) <= room]
-        with torch.no_grad():
-            groups = rollouts.generate([ids[i] for i in keep], n=args.rs_group, temperature=args.temperature,
-                                       seeds=[args.seed * 1_000_003 + pos + i for i in keep])
-        for i, group in zip(keep, groups):
+        replies = graded_replies(rollouts, tok, task, [batch[i] for i in keep], [ids[i] for i in keep], args.rs_group,
+                                 args.temperature, [args.seed * 1_000_003 + pos + i for i in keep])
+        for i, group in zip(keep, replies):
             asked += 1
             seen = set()
-            for c in group:
-                stream = TextStream(tok, stop=task.generation.chat_stop)
-                text = stream.push(c.token_ids) + stream.finish()
+            for text, ok in group:
                 sampled += 1
-                try:
-                    ok = tasks_lib.grade_sample(task, batch[i], text).score >= 1.0
-                except Exception:
-                    ok = False
                 right += ok
                 if ok and (text not in seen or not args.rs_dedupe):
                     seen.add(text)
                     kept.append({"messages": msgs[i] + [{"role": "assistant", "content": text}]})
-        rollouts.engine.reset_prefix_cache()
     sample_s = time.perf_counter() - t_start
     if not kept:
         raise DataError(f"rejection sampling: none of the {sampled} replies to {asked} train prompts was right, so "
@@ -289,42 +311,25 @@ def headroom(args) -> dict:
     """What sampling can find that greedy decoding misses, on the first --headroom-limit test items: greedy
     pass@1 (taskscore) beside the mean pass rate and pass@k of k = --headroom-k samples at --temperature.
     GRPO learns from the right samples of a group; a greedy score it can lift needs pass@k well above it."""
-    import torch
-
     import muse.tasks as tasks_lib
     from muse.checkpoint import load
-    from muse.posttrain.rollout import Rollouts
     from muse.posttrain.taskscore import bootstrap_se
-    from muse.tokenizer import END_ID, EOT_ID, render_prompt
-    from muse.tokenizer.text import TextStream
+    from muse.tokenizer import render_prompt
 
     t0 = time.perf_counter()
     greedy = score(Path(args.sft), args.task, args.headroom_limit)
     task = tasks_lib.get(args.task)
     model, tok, _ = load(args.sft)
     samples = task.samples("test")[:args.headroom_limit]
-    max_new = task.generation.max_tokens
-    room = model.config.max_seq_len - max_new
     k, chunk = args.headroom_k, 32
-    rollouts = Rollouts(model, max_prompt_tokens=room, max_new_tokens=max_new, max_sequences=chunk * k,
-                        eos_ids=(END_ID, EOT_ID))
+    rollouts, _ = task_rollouts(model, task, chunk, k)
     rates, anys = [], []
     for start in range(0, len(samples), chunk):
         batch = samples[start:start + chunk]
         ids = [render_prompt(tok, tasks_lib.build_messages(task, s)) for s in batch]
-        with torch.no_grad():
-            groups = rollouts.generate(ids, n=k, temperature=args.temperature,
-                                       seeds=[args.seed + start + i for i in range(len(batch))])
-        rollouts.engine.reset_prefix_cache()
-        for sample, group in zip(batch, groups):
-            right = []
-            for c in group:
-                stream = TextStream(tok, stop=task.generation.chat_stop)
-                text = stream.push(c.token_ids) + stream.finish()
-                try:
-                    right.append(float(tasks_lib.grade_sample(task, sample, text).score >= 1.0))
-                except Exception:
-                    right.append(0.0)
+        seeds = [args.seed + start + i for i in range(len(batch))]
+        for group in graded_replies(rollouts, tok, task, batch, ids, k, args.temperature, seeds):
+            right = [float(ok) for _, ok in group]
             rates.append(sum(right) / k)
             anys.append(float(max(right) > 0))
     n = len(rates)

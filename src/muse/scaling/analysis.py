@@ -32,19 +32,32 @@ LEVEL = 0.95
 class Fits:
     """The fitted objects behind the JSON (kept for prediction and plots)."""
 
-    parametric: F.ParametricFit
-    boots: list[F.ParametricFit]
-    residuals: np.ndarray
     isoflop: list[F.IsoFlopFit]
     n_opt: F.PowerLaw | None
     d_opt: F.PowerLaw | None
     n_opt_boot: list[F.PowerLaw]
     d_opt_boot: list[F.PowerLaw]
     data: dict
-    forms: dict[str, IV.FormFit]  # "chinchilla" (= parametric, boots, residuals) and "coupled" where fitted
+    forms: dict[str, IV.FormFit]  # "chinchilla" (the separable L(N, D) fit) and "coupled" where fitted
     folds: list[dict]  # the backtests (JSON-able, also in data)
-    c_max: float  # the largest budget fitted
     rows: list[dict]  # the runs fitted (for the per-size part of the interval)
+
+    @property
+    def parametric(self) -> F.ParametricFit:
+        return self.forms["chinchilla"].fit
+
+    @property
+    def boots(self) -> list[F.ParametricFit]:
+        return self.forms["chinchilla"].boots
+
+    @property
+    def residuals(self) -> np.ndarray:
+        return self.forms["chinchilla"].residuals
+
+    @property
+    def c_max(self) -> float:
+        """The largest budget fitted."""
+        return max(r["budget"] for r in self.rows)
 
 
 def _d_at(budget: float, n_star: float, runs: list[dict]) -> float:
@@ -159,17 +172,14 @@ def _fit_ladder(rows: list[dict], resamples: int, seed: int) -> tuple[dict, Fits
         "level": LEVEL,
         "notes": notes,
     }
-    return data, Fits(parametric=par, boots=boots, residuals=residuals, isoflop=isoflop, n_opt=n_law, d_opt=d_law,
-                      n_opt_boot=n_boot, d_opt_boot=d_boot, data=data, forms=forms, folds=folds,
-                      c_max=max(r["budget"] for r in ok), rows=ok)
+    return data, Fits(isoflop=isoflop, n_opt=n_law, d_opt=d_law, n_opt_boot=n_boot, d_opt_boot=d_boot, data=data,
+                      forms=forms, folds=folds, rows=ok)
 
 
 def _form_json(form: IV.FormFit | None) -> dict | None:
     if form is None:
         return None
-    names = (*F.PARAM_NAMES, "gamma")
-    return {**form.fit.as_dict(), "intervals": {k: list(F.interval([getattr(b, k) for b in form.boots], LEVEL))
-                                                for k in names},
+    return {**form.fit.as_dict(), "intervals": F.parameter_intervals(form.boots, LEVEL),
             "resamples": len(form.boots), "residual_rms": float(np.sqrt(np.mean(form.residuals ** 2)))}
 
 

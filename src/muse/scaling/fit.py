@@ -289,7 +289,9 @@ def interval(values, level: float = 0.95) -> tuple[float, float]:
 
 
 def parameter_intervals(fits: list[ParametricFit], level: float = 0.95) -> dict[str, list[float]]:
-    return {k: list(interval([getattr(f, k) for f in fits], level)) for k in PARAM_NAMES}
+    """Each parameter's interval over the bootstrap fits (gamma too for the coupled form)."""
+    names = PARAM_NAMES if not fits or fits[0].gamma is None else (*PARAM_NAMES, "gamma")
+    return {k: list(interval([getattr(f, k) for f in fits], level)) for k in names}
 
 
 def prediction_interval(fit: ParametricFit, fits: list[ParametricFit], n: float, d: float, residuals,

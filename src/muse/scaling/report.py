@@ -31,6 +31,16 @@ def _figure():
     return plt, fig, ax
 
 
+def _finish(plt, fig, ax, out: Path, *, xlabel: str, ylabel: str, title: str, grid: str = "major") -> None:
+    """Labels, title, grid and legend as every plot here has them; then the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which=grid)
+    ax.legend(fontsize=8)
+    _save(plt, fig, out)
+
+
 def _save(plt, fig, out: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
@@ -70,12 +80,8 @@ def plot_isoflop(ladder: dict, fits: Fits, out: Path) -> None:
         if r["status"] == "diverged":
             ax.annotate(f"{r['name']} diverged", (r["params"], ax.get_ylim()[1]), fontsize=7, color="red")
     ax.set_xscale("log")
-    ax.set_xlabel("N: parameters (non-embedding + head)")
-    ax.set_ylabel("final val loss (nats/token)")
-    ax.set_title("IsoFLOP profiles: parabola in log N (solid), L(N, D) fit (dashed), minima (*)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(plt, fig, out)
+    _finish(plt, fig, ax, out, xlabel="N: parameters (non-embedding + head)", ylabel="final val loss (nats/token)",
+            title="IsoFLOP profiles: parabola in log N (solid), L(N, D) fit (dashed), minima (*)")
 
 
 def plot_envelope(ladder: dict, fits: Fits, out: Path) -> None:
@@ -88,12 +94,8 @@ def plot_envelope(ladder: dict, fits: Fits, out: Path) -> None:
     ax.plot([r["flops"] for r in best], [r["val_loss"] for r in best], "o-", color="C0", label="best per budget")
     _prediction_marks(ax, ladder)
     ax.set_xscale("log")
-    ax.set_xlabel("C: training FLOPs (6N + 12 L d T per token)")
-    ax.set_ylabel("final val loss (nats/token)")
-    ax.set_title("loss vs compute", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(plt, fig, out)
+    _finish(plt, fig, ax, out, xlabel="C: training FLOPs (6N + 12 L d T per token)", ylabel="final val loss (nats/token)",
+            title="loss vs compute")
 
 
 def _prediction_marks(ax, ladder: dict) -> None:
@@ -135,12 +137,8 @@ def plot_n_opt(ladder: dict, fits: Fits, out: Path) -> None:
         ax.plot([pred["budget"]], [pred["params"]], "s", color="C3", label=f"predicted run (depth {pred['depth']})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("C: training FLOPs")
-    ax.set_ylabel("N_opt: parameters")
-    ax.set_title("compute-optimal size", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    _save(plt, fig, out)
+    _finish(plt, fig, ax, out, xlabel="C: training FLOPs", ylabel="N_opt: parameters",
+            title="compute-optimal size", grid="both")
 
 
 def plot_prediction(ladder: dict, fits: Fits, out: Path) -> None:
@@ -163,12 +161,8 @@ def plot_prediction(ladder: dict, fits: Fits, out: Path) -> None:
     ax.fill_between(lim, [v * 0.97 for v in lim], [v * 1.03 for v in lim], color="C2", alpha=0.12, label="within 3%")
     ax.set_xlim(lim)
     ax.set_ylim(lim)
-    ax.set_xlabel("predicted val loss (L(N, D) fit)")
-    ax.set_ylabel("actual val loss")
-    ax.set_title("prediction vs actual", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(plt, fig, out)
+    _finish(plt, fig, ax, out, xlabel="predicted val loss (L(N, D) fit)", ylabel="actual val loss",
+            title="prediction vs actual")
 
 
 def _fmt_iv(iv) -> str:

@@ -51,6 +51,27 @@ def tiny_run_template(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_run_with_model(tiny_run_template, tmp_path_factory):
+    """`make(name, stage, step)` -> (a copy of tiny_run_template, the checkpoint saved in it): a seeded tiny
+    llama (2 layers, width 64, context 256) with the run's own tokenizer, as `stage`'s step `step`."""
+    def make(name: str, stage: str, step: int):
+        import torch
+
+        from muse.checkpoint import save_checkpoint
+        from muse.model import ModelConfig, build_model
+        from muse.tokenizer import Tokenizer
+
+        run = tmp_path_factory.mktemp(name) / "run"
+        shutil.copytree(tiny_run_template, run)
+        tok = Tokenizer.from_file(run / "data" / "tokenizer.json")
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=2, n_kv_head=1,
+                                        max_seq_len=256, init_std=0.1))
+        return run, save_checkpoint(run / stage, step, model=model, tokenizer=tok)
+    return make
+
+
 @pytest.fixture
 def tiny_run(tiny_run_template, tmp_path):
     run = tmp_path / "run"

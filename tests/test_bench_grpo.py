@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from muse.train.schedule import ScheduleConfig, lr_multiplier
 
@@ -70,21 +69,10 @@ def test_the_schedule_is_laid_over_the_time_budget(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def sft_ckpt(tiny_run_template, tmp_path_factory):
+def sft_ckpt(tiny_run_with_model):
     """(a tiny 'SFT' checkpoint, its run's data/): 2 layers, width 64, context 256, the run's tokenizer."""
-    import shutil
-
-    from muse.checkpoint import save_checkpoint
-    from muse.model import ModelConfig, build_model
-    from muse.tokenizer import Tokenizer
-
-    run = tmp_path_factory.mktemp("bench_grpo") / "run"
-    shutil.copytree(tiny_run_template, run)
-    tok = Tokenizer.from_file(run / "data" / "tokenizer.json")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=2, n_kv_head=1,
-                                    max_seq_len=256, init_std=0.1))
-    return save_checkpoint(run / "sft", 5, model=model, tokenizer=tok), run / "data"
+    run, ckpt = tiny_run_with_model("bench_grpo", "sft", 5)
+    return ckpt, run / "data"
 
 
 def _argv(sft_ckpt, out: Path, *extra: str) -> list[str]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from muse.posttrain.mixture import load_mixture
 
@@ -26,20 +24,9 @@ def _bench():
 
 
 @pytest.fixture(scope="module")
-def bench_run(tiny_run_template, tmp_path_factory):
+def bench_run(tiny_run_with_model):
     """A prepared tiny run (vocab 320) with a base checkpoint: 2 layers, width 64, context 256."""
-    from muse.checkpoint import save_checkpoint
-    from muse.model import ModelConfig, build_model
-    from muse.tokenizer import Tokenizer
-
-    run = tmp_path_factory.mktemp("bench_posttrain") / "run"
-    shutil.copytree(tiny_run_template, run)
-    tok = Tokenizer.from_file(run / "data" / "tokenizer.json")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=2, n_kv_head=1,
-                                    max_seq_len=256, init_std=0.1))
-    save_checkpoint(run / "base", 1, model=model, tokenizer=tok)
-    return run
+    return tiny_run_with_model("bench_posttrain", "base", 1)[0]
 
 
 def test_arithmetic_mixture_trains_on_the_two_graded_levels_only():

@@ -13,6 +13,14 @@ TINY = ["--depth", "1", "--max-steps", "4", "--device", "cpu", "--set", "seq_len
         "--sft-steps", "0", "--eval-limit", "2"]
 
 
+def run_with_sft(save_tiny_checkpoint, tmp_path):
+    """A tiny run whose SFT stage is a copy of its base (for the stages that start from SFT)."""
+    run = tmp_path / "run"
+    shutil.copytree(save_tiny_checkpoint("tiny"), run, symlinks=True)
+    shutil.copytree(run / "base", run / "sft", symlinks=True)
+    return run
+
+
 @pytest.mark.slow
 def test_speedrun_writes_a_report_and_skips_finished_stages(tmp_path, capsys):
     out = tmp_path / "sr"
@@ -44,9 +52,7 @@ def test_speedrun_grpo_stage_scores_and_reports_and_is_kept_on_rerun(save_tiny_c
 
     small = {"prompts_per_step": 4, "group_size": 2, "max_new_tokens": 8, "eval_prompts": 4, "eval_samples": 2}
     monkeypatch.setattr(speedrun, "GRPO_PRESET", {**speedrun.GRPO_PRESET, **small})
-    run = tmp_path / "run"
-    shutil.copytree(save_tiny_checkpoint("tiny"), run, symlinks=True)
-    shutil.copytree(run / "base", run / "sft", symlinks=True)
+    run = run_with_sft(save_tiny_checkpoint, tmp_path)
     args = argparse.Namespace(grpo_steps=2, score_limit=3, device="cpu", force=False)
     rl = speedrun.grpo_stage(run, args)
     score, se, n = rl["scores"]["arithmetic_1digit"]
@@ -70,9 +76,7 @@ def test_speedrun_rlaif_stage_trains_dpo_scores_compliance_and_is_kept_on_rerun(
     from muse.cli import speedrun
 
     monkeypatch.setattr(speedrun, "RLAIF_PRESET", {**speedrun.RLAIF_PRESET, "prompts": 6, "samples": 2})
-    run = tmp_path / "run"
-    shutil.copytree(save_tiny_checkpoint("tiny"), run, symlinks=True)
-    shutil.copytree(run / "base", run / "sft", symlinks=True)
+    run = run_with_sft(save_tiny_checkpoint, tmp_path)
     args = argparse.Namespace(rlaif_steps=2, score_limit=3, device="cpu", force=False)
     pref = speedrun.rlaif_stage(run, args)
     score, se, n = pref["scores"]["compliance"]

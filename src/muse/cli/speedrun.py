@@ -111,7 +111,7 @@ def run(args) -> int:
         samples.append(prompt + tok.decode([t for t in ids if t != tok.eot_id]))
     post = post_train(out, args, base=(model, tok)) if args.sft_steps > 0 else None
     # before GRPO, so that GRPO stays the stage trained last (the one the eval stage scores)
-    pref = rlaif_stage(out, args) if post is not None and getattr(args, "rlaif_steps", 0) > 0 else None
+    pref = rlaif_stage(out, args) if post is not None and args.rlaif_steps > 0 else None
     rl = grpo_stage(out, args) if post is not None and args.grpo_steps > 0 else None
     evals = eval_stage(out, args) if args.eval_limit > 0 else None
     report = write_report(out, unigram=unigram_bpb(out), samples=samples, data=data, post=post, rl=rl, evals=evals,

@@ -96,3 +96,17 @@ def test_speedrun_rlaif_stage_trains_dpo_scores_compliance_and_is_kept_on_rerun(
     text = "\n".join(lines)
     assert "## Post-training: RLAIF + DPO" in text and "6 prompts of the compliance task's train split x 2" in text
     assert "SFT 25.0% +- 10.0% -> " in text and facts["dpo_steps"] == 2 and facts["compliance"]["sft"] == 0.25
+
+
+def test_speedrun_rlaif_stage_without_pairs_is_one_clear_error(save_tiny_checkpoint, tmp_path, monkeypatch):
+    """Every reply met the same principles: no pairs to train on, so the stage stops and says how to skip it."""
+    from muse.cli import speedrun
+    from muse.common.errors import DataError
+    from muse.posttrain import rlaif
+
+    monkeypatch.setattr(rlaif, "run_rlaif", lambda cfg, out: {"pairs": {"total": 0}})
+    run = run_with_sft(save_tiny_checkpoint, tmp_path)
+    args = argparse.Namespace(rlaif_steps=2, score_limit=3, device="cpu", force=False)
+    with pytest.raises(DataError, match=r"made no preference pairs .* pass --rlaif-steps 0 to skip the stage"):
+        speedrun.rlaif_stage(run, args)
+    assert not (run / "dpo").exists()

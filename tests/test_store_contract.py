@@ -333,3 +333,29 @@ def test_store_time_is_summed_per_request_and_split_by_operation(store):
         return mine
 
     assert set(asyncio.run(request()).ops) == {"authenticate"} and STORE_TIME.get() is None
+
+
+def test_servers_starting_at_once_all_store_the_admin_key(db):
+    """Replicas that start together each store the bootstrap admin key; none fails on the other's row."""
+    open_store(db).close()  # the schema first, as the first server to start makes it
+    stores = [open_store(db) for _ in range(6)]
+    barrier, errors = threading.Barrier(len(stores)), []
+
+    def start(store):
+        barrier.wait()
+        try:
+            store.set_bootstrap_admin("muse-admin-secret-0123456789")
+        except Exception as e:  # noqa: BLE001 - the failure is the finding
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        assert stores[0].is_admin("muse-admin-secret-0123456789") and not stores[0].is_admin("muse-admin-other")
+    finally:
+        for s in stores:
+            s.close()

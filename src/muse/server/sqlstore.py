@@ -343,14 +343,20 @@ class SqlStore:
     def set_bootstrap_admin(self, text: str | None, *, now: float | None = None) -> None:
         """Store the server's admin key (MUSE_ADMIN_KEY / --admin-key-file) as the operator credential
         BOOTSTRAP_ADMIN, hashed, replacing what an earlier start stored; None removes it (no admin).
-        Replicas of one database should share one admin key: the last one started wins otherwise."""
+        Replicas of one database should share one admin key: the last one started wins otherwise.
+        An upsert, not delete-then-insert: replicas starting at once on PostgreSQL (read committed) would
+        both find no row and both insert, and the second start would fail on the primary key."""
         now = self._now(now)
         with self._write_txn() as c:
-            c.execute("DELETE FROM admin_keys WHERE admin_id = ?", (BOOTSTRAP_ADMIN,))
-            if text is not None:
-                c.execute("DELETE FROM admin_keys WHERE key_hash = ?", (hash_key(text),))  # one hash, one row
-                c.execute("INSERT INTO admin_keys (admin_id, key_hash, label, created_at) VALUES (?, ?, ?, ?)",
-                          (BOOTSTRAP_ADMIN, hash_key(text), "the server's admin key", now))
+            if text is None:
+                c.execute("DELETE FROM admin_keys WHERE admin_id = ?", (BOOTSTRAP_ADMIN,))
+                return
+            c.execute("DELETE FROM admin_keys WHERE key_hash = ? AND admin_id <> ?",  # one hash, one row
+                      (hash_key(text), BOOTSTRAP_ADMIN))
+            c.execute("INSERT INTO admin_keys (admin_id, key_hash, label, created_at) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (admin_id) DO UPDATE SET key_hash = excluded.key_hash, label = excluded.label, "
+                      "created_at = excluded.created_at, revoked_at = NULL",
+                      (BOOTSTRAP_ADMIN, hash_key(text), "the server's admin key", now))
 
     def is_admin(self, text: str) -> bool:
         """True if `text` is an operator credential that is not revoked (an indexed look-up by hash)."""

@@ -27,7 +27,7 @@ from muse.eval import (
     parse_model_spec,
     write_report,
 )
-from muse.eval.local import MuseProvider, split_context, windows
+from muse.eval.local import MuseProvider, auto_style, split_context, windows
 from muse.eval.remote import OpenAIProvider, retry_after
 from muse.eval.runner import bootstrap_bpb, bootstrap_stderr
 from muse.infer.client import ThreadEngineClient
@@ -100,6 +100,14 @@ def test_split_context_and_windows():
     spans = windows(20, 8)
     assert spans[0] == (0, 8) and spans[-1][1] == 20
     assert sum(b - a - 1 for a, b in spans) == 19  # every token after the first is predicted once
+
+
+def test_auto_style_reads_the_stage_the_checkpoint_recorded(tmp_path):
+    # a chat stage's checkpoint copied out of its run keeps its style; the folder decides only without a record
+    assert auto_style({"stage": "sft"}, tmp_path / "copies" / "step_000150") == "chat"
+    assert auto_style({"stage": "base"}, tmp_path / "sft" / "step_000150") == "completion"
+    assert auto_style({}, tmp_path / "grpo" / "step_000030") == "chat"
+    assert auto_style({}, tmp_path / "base" / "step_000480") == "completion"
 
 
 def test_bootstrap():

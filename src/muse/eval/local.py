@@ -69,6 +69,17 @@ def find_run_data(ckpt: Path) -> Path | None:
     return None
 
 
+CHAT_STAGES = ("sft", "dpo", "grpo")
+
+
+def auto_style(meta: dict, checkpoint: Path) -> str:
+    """"chat" for a checkpoint a chat stage trained, "completion" otherwise. The stage is the one its meta.json
+    recorded when it was saved, so a checkpoint copied out of its run (RUN/sft/step_N -> elsewhere/step_N)
+    keeps it; the folder name decides only for checkpoints without one."""
+    stage = meta.get("stage") or checkpoint.parent.name
+    return "chat" if stage in CHAT_STAGES else "completion"
+
+
 class MuseProvider:
     """A checkpoint through the engine (module docstring). `prefix_reuse=False` asks for every prompt
     logprob, as an engine without `prompt_logprobs_start` must (benchmarks compare the two)."""
@@ -120,9 +131,7 @@ class MuseProvider:
         self.data_dir = find_run_data(self.checkpoint)
         param = next(model.parameters())
         self.identity = f"muse:{file_sha256(self.checkpoint / MANIFEST)}:{str(param.dtype).removeprefix('torch.')}"
-        stage_name = self.checkpoint.parent.name
-        self.style = self.requested_style if self.requested_style != "auto" else (
-            "chat" if stage_name in ("sft", "dpo", "grpo") else "completion")
+        self.style = self.requested_style if self.requested_style != "auto" else auto_style(meta, self.checkpoint)
         if not self.concurrency:
             self.concurrency = 2 * config.max_num_seqs
 

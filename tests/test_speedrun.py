@@ -110,3 +110,21 @@ def test_speedrun_rlaif_stage_without_pairs_is_one_clear_error(save_tiny_checkpo
     with pytest.raises(DataError, match=r"made no preference pairs .* pass --rlaif-steps 0 to skip the stage"):
         speedrun.rlaif_stage(run, args)
     assert not (run / "dpo").exists()
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_pretraining_preset_drops_to_fp32_steps_where_training_computes_in_fp32(fp32, monkeypatch):
+    from muse.cli import speedrun
+
+    monkeypatch.setattr(speedrun, "fp32_compute", lambda cfg: fp32)
+    p = argparse.ArgumentParser()
+    speedrun.add_arguments(p)
+    cfg = speedrun.pretrain_config(p.parse_args([]))
+    want = speedrun.FP32_PRESET if fp32 else speedrun.PRESET
+    assert (cfg.max_steps, cfg.eval_every, cfg.save_every) == (want["max_steps"], want["eval_every"],
+                                                               want["save_every"])
+    assert cfg.schedule.decay_frac == speedrun.PRESET["schedule.decay_frac"]
+    # the user's steps and settings win over either preset
+    assert speedrun.pretrain_config(p.parse_args(["--max-steps", "7"])).max_steps == 7
+    cfg = speedrun.pretrain_config(p.parse_args(["--set", "max_steps=9", "--set", "eval_every=3"]))
+    assert (cfg.max_steps, cfg.eval_every) == (9, 3)

@@ -35,6 +35,10 @@ EXAMPLES = """examples:
 # record log in BENCHMARKS.md section 6). Without native bf16 (fp32) it takes ~1.5x as long.
 PRESET = {"depth": 4, "seq_len": 256, "batch_size": 16, "max_steps": 480, "eval_every": 120, "save_every": 120,
           "eval_batches": 16, "log_every": 10, "schedule.decay_frac": 0.4}
+# Where training computes in fp32 (a CPU without native bf16 matmul: `--dtype auto` keeps fp32 there), 480 steps
+# take ~1.5x as long and the whole speedrun ~17 minutes on 2 cores: the preset drops to the 320 steps its
+# record was set in before bf16 autocast (BENCHMARKS.md section 6), so the speedrun stays within 15 minutes.
+FP32_PRESET = {"max_steps": 320, "eval_every": 80, "save_every": 80}
 PROMPTS = ["ROMEO:\n", "First Witch:\n", "KING HENRY V:\nOnce more unto the breach"]
 # SFT: ~150 s of the 3 minutes on 2 cores (BENCHMARKS.md, post-training); the rest is loading and scoring.
 SFT_PRESET = {"max_steps": 150, "batch_tokens": 4096, "eval_every": 75, "save_every": 75, "eval_batches": 16,
@@ -57,7 +61,8 @@ CONVERSATION = ["Hello! What is your name?", "What is 23 plus 41?", "Spell the w
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
     p.add_argument("--depth", type=int, help=f"model depth (default {PRESET['depth']})")
-    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {PRESET['max_steps']})")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {PRESET['max_steps']}; "
+                   f"{FP32_PRESET['max_steps']} where training computes in fp32)")
     p.add_argument("--device", help="auto (default), cpu, cuda, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any `muse train` setting")
     p.add_argument("--max-tokens", type=int, default=160, help="tokens per sample in the report")
@@ -83,7 +88,6 @@ def run(args) -> int:
     from muse.data.prepare import PrepareConfig, prepare
     from muse.data.stats import unigram_bpb
     from muse.infer.generate import generate
-    from muse.train.config import load_config
     from muse.train.pretrain import pretraining_loop
 
     out = Path(args.out)
@@ -93,9 +97,7 @@ def run(args) -> int:
     print(f"prepare: {data['splits']['train']['tokens']:,} train tokens "
           f"({'up to date' if data['up_to_date'] else f'{t_prepare:.1f}s'})", file=sys.stderr)
 
-    flags = dict(PRESET)
-    flags.update({k: v for k, v in (("depth", args.depth), ("max_steps", args.max_steps), ("device", args.device)) if v})
-    cfg = load_config(None, flags, args.set)
+    cfg = pretrain_config(args)
     done = latest_good(out / "base") if (out / "base").exists() else None
     done_step = load_train_state(done)["step"] if done else 0
     if done and done_step >= cfg.max_steps and not args.force:
@@ -125,6 +127,27 @@ def run(args) -> int:
         print("\nserve it (OpenAI-compatible API; docs/serving.md):")
         print("\n".join("  " + line for line in serve_hint(out)))
     return 0
+
+
+def pretrain_config(args):
+    """The pretraining TrainConfig: PRESET (FP32_PRESET's steps where training computes in fp32), then the flags."""
+    from muse.train.config import load_config
+
+    flags = dict(PRESET)
+    flags.update({k: v for k, v in (("depth", args.depth), ("max_steps", args.max_steps), ("device", args.device)) if v})
+    cfg = load_config(None, flags, args.set)
+    if fp32_compute(cfg) and not args.max_steps and not any(s.split("=")[0].strip() == "max_steps" for s in args.set):
+        cfg = load_config(None, {**flags, **FP32_PRESET}, args.set)
+        print(f"train: fp32 compute on this machine: the preset's {FP32_PRESET['max_steps']} steps "
+              "(--max-steps overrides)", file=sys.stderr)
+    return cfg
+
+
+def fp32_compute(cfg) -> bool:
+    """Whether pretraining with `cfg` computes in fp32 (the dtype policy the training loop will apply)."""
+    from muse.common.device import dtype_policy, pick_device
+
+    return dtype_policy(pick_device(cfg.device), cfg.dtype).compute == "float32"
 
 
 def post_train(out: Path, args, base) -> dict:

@@ -29,7 +29,7 @@ from muse.eval import (
 )
 from muse.eval.local import MuseProvider, auto_style, split_context, windows
 from muse.eval.remote import OpenAIProvider, retry_after
-from muse.eval.runner import bootstrap_bpb, bootstrap_stderr
+from muse.eval.runner import bootstrap_bpb, bootstrap_stderr, plan_task
 from muse.infer.client import ThreadEngineClient
 from muse.tokenizer.text import prompt_ids
 
@@ -406,6 +406,43 @@ def test_shots_sets_the_few_shot_examples_of_every_prompt(shots):
     assert res.data["tasks"]["arithmetic_1digit"]["shots"] == shots
     for messages in sent:  # each shot is one user turn and one assistant answer before the question
         assert [m["role"] for m in messages if m["role"] != "system"] == ["user", "assistant"] * shots + ["user"]
+
+
+def test_few_shot_prompts_too_long_for_the_context_lose_examples_until_they_fit(save_tiny_checkpoint, tmp_path):
+    from muse.checkpoint import load
+
+    # a 512-token context and a 300-token vocabulary: 8 shots of arithmetic do not fit, 3 do
+    model, tok, _ = load(save_tiny_checkpoint("long_context", max_seq_len=512))
+    task = tasks.get("arithmetic_1digit")
+
+    def once(shots):
+        provider, client = local_provider(model, tok)
+
+        async def go():
+            try:
+                opts = EvalOptions(show_progress=False, limit=6, shots=shots)
+                return await evaluate([provider], [task], cache=NoCache(), opts=opts), provider
+            finally:
+                await client.shutdown()
+        return run(go())
+
+    res, provider = once(8)
+    r = res.data["results"]["arithmetic_1digit"]["tiny"]
+    recs = res.records[("tiny", "arithmetic_1digit")]
+    assert r["n_failed"] == 0 and r["shots_reduced"]["n"] == 6 and 0 < r["shots_reduced"]["min_shots"] < 8
+    for rec in recs:
+        assert 0 <= rec["shots"] < 8
+    plan = plan_task(task, provider, EvalOptions(limit=6, shots=8))
+    for w, rec in zip(plan, recs):  # what was sent fits, and one more example would not have
+        req, shots = w.requests[0], tasks.fewshot_examples(task, w.sample, 8)
+        assert req["prompt"] == tasks.build_prompt(task, w.sample, shots[:rec["shots"]])
+        assert provider.prompt_tokens(req) + req["max_tokens"] <= provider.max_len
+        more = {**req, "prompt": tasks.build_prompt(task, w.sample, shots[:rec["shots"] + 1])}
+        assert provider.prompt_tokens(more) + req["max_tokens"] > provider.max_len
+    longer = plan_task(task, provider, EvalOptions(limit=6, shots=0))
+    assert all("shots" not in w.extra for w in longer)  # nothing to drop: nothing reported
+    report = write_report(res, tmp_path / "out")
+    assert "prompts were asked with fewer few-shot examples" in (report / "report.md").read_text()
 
 
 def test_cli_refuses_negative_shots(tmp_path, capsys):

@@ -225,11 +225,17 @@ class MuseProvider:
         return {"logliks": [r[0] for r in results], "tokens": [r[1] for r in results],
                 "prompt_tokens": sum(r[2] for r in results)}
 
-    async def _generate(self, request: Mapping) -> dict:
+    def prompt_tokens(self, request: Mapping) -> int:
+        """The length in tokens of a generate request's prompt, as `_generate` will encode it."""
+        return len(self._prompt(request)[0])
+
+    def _prompt(self, request: Mapping) -> tuple[list[int], tuple[int, ...]]:
         if request["op"] == "chat":
-            ids, stop_ids = render_prompt(self.tok, request["messages"]), (END_ID,)
-        else:
-            ids, stop_ids = prompt_ids(self.tok, request["prompt"]), ()
+            return render_prompt(self.tok, request["messages"]), (END_ID,)
+        return prompt_ids(self.tok, request["prompt"]), ()
+
+    async def _generate(self, request: Mapping) -> dict:
+        ids, stop_ids = self._prompt(request)
         room = self.max_len - len(ids)
         if room < 1:
             raise SampleFailed(f"the prompt is {len(ids)} tokens, the model's context {self.max_len}", cacheable=True)

@@ -17,6 +17,8 @@ results.json (schema_version 1):
                     "shots": the few-shot examples in each prompt}},
      "results": {TASK: {NAME: {"status": "ok" | "skipped" | "failed", "reason": null | "...", "n", "n_failed",
                                "failures": [first reasons], "metrics": {METRIC: {"value", "stderr"}},
+                               "shots_reduced": {"n", "min_shots"} (only where some prompts lost few-shot
+                                                examples to fit the model's context),
                                "time_s", "tokens": {"prompt", "completion"},
                                "requests": {"sent", "cached"}}}}}
 
@@ -93,6 +95,10 @@ def _notes(data: dict) -> list[str]:
             elif r["status"] == "ok" and r.get("n_failed"):
                 lines.append(f"- {task}, {name}: {r['n_failed']} of {r['n']} samples failed (scored 0): "
                              + "; ".join(r.get("failures", [])[:3]))
+            if r["status"] == "ok" and r.get("shots_reduced"):
+                fewer = r["shots_reduced"]
+                lines.append(f"- {task}, {name}: {fewer['n']} of {r['n']} prompts were asked with fewer few-shot "
+                             f"examples (down to {fewer['min_shots']}) to fit the model's context")
     return lines
 
 
@@ -292,7 +298,7 @@ def render_markdown(data: dict, records: dict, charts: list[str]) -> str:
     lines += ["", results_table(data), ""]
     notes = _notes(data)
     if notes:
-        lines += ["## Skipped and failed", "", *notes, ""]
+        lines += ["## Skipped, failed and shortened", "", *notes, ""]
     paired = data.get("paired")
     if paired and (paired["tasks"] or paired["skipped"]):
         lines += [f"## Paired comparison with {paired['baseline']}", "",

@@ -169,15 +169,29 @@ def plan_task(task: Task, provider, opts: EvalOptions) -> list[Work]:
             req["seed"] = _seed_of(s.id)
         try:
             shots = tasks_lib.fewshot_examples(task, s, opts.shots)
-            if chat or s.prompt is None:
-                req.update(op="chat", messages=tasks_lib.build_messages(task, s, shots), stop=list(gen.chat_stop))
-            else:
-                req.update(op="complete", prompt=tasks_lib.build_prompt(task, s, shots), stop=list(gen.stop))
+            asked = len(shots)
+            while True:
+                if chat or s.prompt is None:
+                    req.update(op="chat", messages=tasks_lib.build_messages(task, s, shots), stop=list(gen.chat_stop))
+                else:
+                    req.update(op="complete", prompt=tasks_lib.build_prompt(task, s, shots), stop=list(gen.stop))
+                if not shots or _fits(provider, req):
+                    break
+                shots = shots[:-1]
         except MuseError as e:
             work.append(Work(s, [], "failed", {"reason": str(e)}))
             continue
-        work.append(Work(s, [req], "generate"))
+        work.append(Work(s, [req], "generate", {"shots": len(shots)} if len(shots) < asked else {}))
     return work
+
+
+def _fits(provider, req: dict) -> bool:
+    """Whether the prompt and its max_tokens fit the model's context, where the provider knows both (a local
+    checkpoint does; an endpoint does not say). A few-shot prompt that does not fit loses examples, last first,
+    until it does, as HELM does; the records and results say how many items were asked with fewer."""
+    length = getattr(provider, "prompt_tokens", None)
+    n = length(req) if length is not None else None
+    return n is None or n + int(req["max_tokens"]) <= provider.max_len
 
 
 class _Skip(Exception):
@@ -254,6 +268,8 @@ def _record_base(w: Work) -> dict:
 
 async def _score(task: Task, w: Work, fetch: Fetcher, ask) -> dict:
     rec = _record_base(w)
+    if "shots" in w.extra:  # asked with fewer few-shot examples than the task's, to fit the context
+        rec["shots"] = w.extra["shots"]
     if w.kind == "failed":
         return {**rec, "failed": True, "reason": w.extra["reason"], "scores": _zero(task)}
     try:
@@ -383,6 +399,8 @@ async def _run_model(provider, tasks: list[Task], cache, opts: EvalOptions, judg
             results[task.name] = {
                 "status": "ok", "reason": None, "n": len(recs), "n_failed": len(failed),
                 "failures": sorted({r["reason"] for r in failed})[:5],
+                **({"shots_reduced": {"n": len(fewer), "min_shots": min(fewer)}}
+                   if (fewer := [r["shots"] for r in recs if "shots" in r]) else {}),
                 "metrics": summarize(task, recs, opts.n_bootstrap),
                 "time_s": round(time.perf_counter() - t0, 3),
                 "tokens": {"prompt": now["prompt_tokens"] - before["prompt_tokens"],

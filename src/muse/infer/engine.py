@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ log = get_logger("muse.infer")
 
 CPU_KV_CACHE_BYTES = 2 << 30   # default KV pool cap on CPU
 GPU_KV_CACHE_FRACTION = 0.8    # default: this fraction of the accelerator's free memory
+HOST_PHASES = ("schedule", "prepare", "forward", "sample", "update", "output")  # EngineStats.host_seconds
 
 
 @dataclass
@@ -65,10 +67,35 @@ class EngineConfig(SchedulerConfig):
     # groups over gathered blocks), "paged-contiguous" (one SDPA per sequence over a view of its blocks),
     # "auto" (the second for steps of a few sequences, the first for bigger ones)
     attention_backend: str = "auto"
+    # decode-only steps (one new token per request, no drafts) replayed as CUDA graphs, one per batch and
+    # context bucket, captured when the engine starts (muse.infer.cuda_graph). Off by default until
+    # bench/gpu.sh's graph steps have checked capture and replay on a device (the path is tested on CPU
+    # eagerly, never yet captured); True needs a model on CUDA (a ConfigError elsewhere)
+    cuda_graphs: bool = False
+    # the same padded static decode path run eagerly, without capturing (any device): what the CPU tests
+    # exercise; with a CUDA model it takes precedence over cuda_graphs (to tell a capture bug from a
+    # padding bug)
+    static_decode_eager: bool = False
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None  # batch buckets; None: 1, 2, 4, .. max_num_seqs
 
     def __post_init__(self):
         super().__post_init__()
         check_backend(self.attention_backend)
+        sizes = self.cuda_graph_batch_sizes
+        if sizes is not None:
+            if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+                raise ConfigError(f"cuda_graph_batch_sizes must be positive integers, got {sizes!r}")
+            self.cuda_graph_batch_sizes = tuple(sorted(set(sizes)))
+
+    def static_decode(self, device: torch.device) -> str | None:
+        """How decode-only steps run on `device`: None (eagerly, like every step), "eager" (the padded
+        static path, not captured) or "graphs" (captured CUDA graphs)."""
+        if self.static_decode_eager:
+            return "eager"
+        if self.cuda_graphs and device.type != "cuda":
+            raise ConfigError(f"cuda_graphs=True needs a model on a CUDA device (this one is on {device.type}); "
+                              f"leave it off, or use static_decode_eager")
+        return "graphs" if self.cuda_graphs else None
 
 
 @dataclass
@@ -139,6 +166,18 @@ class EngineStats:
     num_requests_finished: int
     num_prompt_tokens: int
     num_generation_tokens: int
+    # how decode-only steps run: "graphs" (CUDA graphs), "eager" (the padded static path, not
+    # captured), "off" (like every other step); steps that took that path; bytes the graphs hold
+    static_decode: str = "off"
+    num_static_steps: int = 0
+    cuda_graph_bytes: int = 0
+    # host seconds spent in each phase of the step loop, summed over every step so far: "schedule"
+    # (Scheduler.schedule), "prepare" (runner state, flattening, the attention plan or static inputs),
+    # "forward" (launching the model; on an accelerator also waiting for it), "sample" (sampling,
+    # logprobs, drafts and their bookkeeping), "update" (Scheduler.update_from_output), "output"
+    # (counting, and folding deltas into RequestOutputs in step()). Wall-clock time (time.perf_counter:
+    # a thread-CPU clock measured ~4 us a call on the 2-vCPU VM, ~10 calls a step); left out of ==
+    host_seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -291,12 +330,15 @@ class Engine:
                                   max_model_len=max_model_len, eos_token_id=eos, seed=config.seed,
                                   speculative=config.speculative, max_batched_query=config.max_batched_query,
                                   vocab_limit=None if tokenizer is None else tokenizer.vocab_size,
-                                  attention_backend=config.attention_backend)
+                                  attention_backend=config.attention_backend,
+                                  static_decode=config.static_decode(next(model.parameters()).device),
+                                  static_batch_sizes=config.cuda_graph_batch_sizes, max_num_seqs=config.max_num_seqs)
         self.num_blocks, self.max_model_len = num_blocks, max_model_len
         self.vocab_size: int = model.config.vocab_size
         self._live: dict[str, _Live] = {}
         self._folded = OutputProcessor()  # step()'s trackers (step_deltas() callers fold their own)
         self._counts = dict.fromkeys(("steps", "finished", "prompt", "generated"), 0)
+        self._host = dict.fromkeys(("schedule", "update", "output"), 0.0)  # the runner times the rest
 
     @classmethod
     def from_checkpoint(cls, path, config: EngineConfig | None = None, *, device="cpu",
@@ -354,25 +396,35 @@ class Engine:
         A request the runner failed on alone gets a last delta with finish_reason "error"; an
         exception from here is an engine failure (every request is lost). Use this or step(), not both."""
         deltas = self._advance()
+        t0 = time.perf_counter()
         self._retire(deltas)
+        self._host["output"] += time.perf_counter() - t0
         return deltas
 
     def step(self) -> list[RequestOutput]:
         """step_deltas() folded: the RequestOutput of every request that changed (cumulative token ids,
         this step's new_token_ids; the last one has finished=True)."""
         deltas = self._advance()
+        t0 = time.perf_counter()
         for d in deltas:
             rid = d.parent_id or d.request_id
             if rid not in self._folded and rid in self._live:
                 live = self._live[rid]
                 self._folded.add(rid, live.prompt, live.params)
         self._retire(deltas)
-        return self._folded.process(deltas)
+        outs = self._folded.process(deltas)
+        self._host["output"] += time.perf_counter() - t0
+        return outs
 
     def _advance(self) -> list[RequestDelta]:
+        t0 = time.perf_counter()
         so = self.scheduler.schedule()
+        t1 = time.perf_counter()
         ro = self.runner.execute(so)
+        t2 = time.perf_counter()
         deltas = self.scheduler.update_from_output(so, ro)
+        self._host["schedule"] += t1 - t0
+        self._host["update"] += time.perf_counter() - t2
         self._counts["steps"] += 1
         return deltas
 
@@ -399,7 +451,10 @@ class Engine:
             num_preemptions=s.num_preemptions,
             spec_acceptance_rate=s.num_accepted_tokens / s.num_draft_tokens if s.num_draft_tokens else None,
             num_steps=c["steps"], num_requests_finished=c["finished"], num_prompt_tokens=c["prompt"],
-            num_generation_tokens=c["generated"])
+            num_generation_tokens=c["generated"], static_decode=self.runner.static_decode or "off",
+            num_static_steps=self.runner.num_static_steps,
+            cuda_graph_bytes=0 if self.runner.decode_graphs is None else self.runner.decode_graphs.graph_bytes,
+            host_seconds={k: {**self._host, **self.runner.host_seconds}[k] for k in HOST_PHASES})
 
 
 class LLM:

@@ -11,6 +11,11 @@ The only part of the engine that touches tensors. Per step:
   4. sample (sampler.py), or verify drafts by rejection sampling (spec_decode.py); logprobs of the
      sampled tokens and of the prompt tokens, from the raw model distribution;
   5. propose drafts for the next step, if speculative decoding is on.
+Decode-only steps (every request computes one token, no drafts) may take a padded static path
+instead of step 2's ragged batch (cuda_graph.py: replayed as a CUDA graph, or run eagerly); steps
+3-5 are the same for both. `host_seconds` adds up, per phase, the host time of every step: "prepare"
+(request state, flattening, the attention plan or the static inputs), "forward" (launching the model,
+and on an accelerator waiting for it), "sample" (steps 3-5 and their bookkeeping).
 Steps 1-2 are the same for every request (token ids and positions, checked at admission), so a
 failure there is the engine's and raises. Steps 3-5 read each request's own settings: when they raise,
 they are run again request by request, and the requests that fail alone are reported in
@@ -26,12 +31,15 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
-from muse.common.errors import ConfigError
+from muse.common.device import synchronize
+from muse.common.errors import ConfigError, ResourceError
 from muse.common.logging import get_logger
+from muse.infer.cuda_graph import DecodeGraphs, powers_of_two_up_to
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan, long_tensor
 from muse.infer.sampler import (
     SamplingBatch,
@@ -53,6 +61,12 @@ from muse.infer.spec_decode import (
 )
 
 log = get_logger("muse.infer")
+
+
+def is_decode_only(so: SchedulerOutput) -> bool:
+    """Every scheduled request computes exactly one token and has no drafts (a decode, or a prompt's
+    one-token chunk): the steps the static decode path (cuda_graph.py) may run."""
+    return all(len(s.token_ids) == 1 and not s.spec_token_ids for s in so.requests)
 
 
 @dataclass
@@ -77,7 +91,15 @@ class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
                  eos_token_id: int | None = None, seed: int = 0,
                  speculative: SpeculativeConfig | None = None, max_batched_query: int = 64,
-                 vocab_limit: int | None = None, attention_backend: str = "paged-reference"):
+                 vocab_limit: int | None = None, attention_backend: str = "paged-reference",
+                 static_decode: str | None = None, static_batch_sizes: tuple[int, ...] | None = None,
+                 max_num_seqs: int = 64):
+        """static_decode: None (every step eager, through `attention_backend`), "eager" (decode-only
+        steps through the padded static path, run eagerly: any device) or "graphs" (the same, captured
+        as CUDA graphs here, up front); static_batch_sizes: its batch buckets (None: 1, 2, 4, ..
+        max_num_seqs)."""
+        if static_decode not in (None, "eager", "graphs"):
+            raise ConfigError(f"static_decode must be None, 'eager' or 'graphs', got {static_decode!r}")
         self.model = model
         self.attention_backend = check_backend(attention_backend)
         cfg = model.config
@@ -93,7 +115,29 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.max_batched_query = max_batched_query
         self.n_rep = cfg.n_head // cfg.n_kv_head  # query heads per k/v head (how StepPlan groups)
-        self.pool = PagedKVPool.for_model(cfg, num_blocks, block_size, self.device, self.dtype)
+        # the static decode path's padding rows write one block past the scheduler's (cuda_graph.py)
+        extra = 0 if static_decode is None else 1
+        self.pool = PagedKVPool.for_model(cfg, num_blocks + extra, block_size, self.device, self.dtype)
+        self.static_decode = static_decode
+        self.decode_graphs = None
+        if static_decode is not None:
+            try:
+                self.decode_graphs = DecodeGraphs(model, self.pool, max_model_len=max_model_len,
+                                                  batch_sizes=static_batch_sizes or powers_of_two_up_to(max_num_seqs),
+                                                  capture=static_decode == "graphs")
+            except ResourceError:
+                raise
+            except Exception:
+                if static_decode != "graphs":
+                    raise
+                # a capture that fails for another reason (a kernel that cannot be captured on this
+                # device or torch) must not take the engine down: decode steps run eagerly, the stats
+                # say so (static_decode "off"), the log has the traceback
+                log.warning("capturing the decode CUDA graphs failed; decode steps run eagerly "
+                            "(EngineConfig.cuda_graphs=False silences this)", exc_info=True)
+                self.static_decode = None
+        self.host_seconds = dict.fromkeys(("prepare", "forward", "sample"), 0.0)
+        self.num_static_steps = 0  # steps that ran the static decode path
         self.states: dict[str, _RequestState] = {}
         self._rng = random.Random(seed)  # seeds for unseeded requests
         self.proposer = None
@@ -132,6 +176,7 @@ class ModelRunner:
     # ----- the step ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        t0 = time.perf_counter()
         for rid in so.finished_request_ids + so.preempted_request_ids:
             self.states.pop(rid, None)
         res = RunnerOutput()
@@ -161,17 +206,31 @@ class ModelRunner:
         max_position = max(s.start + s.num_tokens for s in spans) - 1
         if max_position >= self.max_model_len:
             raise RuntimeError(f"position {max_position} >= max_model_len {self.max_model_len}")
-        input_ids = long_tensor(ids, self.device)
-        logits_indices = long_tensor(rows, self.device)
-        step = make_step(self.attention_backend, self.pool, spans, max_batched_query=self.max_batched_query,
-                         n_rep=self.n_rep, logits_indices=logits_indices)
-        logits = self.model(input_ids[None], kv_cache=step)[0]  # (L, V)
+        key = None
+        if self.decode_graphs is not None and is_decode_only(so):
+            key = self.decode_graphs.load(ids, spans)  # None: more rows than the largest bucket
+        step = input_ids = None
+        if key is not None:  # the static path: every request is row i of the (B, V) logits
+            t1 = time.perf_counter()
+            logits = self.decode_graphs.run(key)  # on CUDA the graph's own output: used up in this call
+            n = len(spans)
+            logits = logits[:n] if rows == list(range(n)) else logits.index_select(0, long_tensor(rows, self.device))
+            self.num_static_steps += 1
+        else:
+            input_ids = long_tensor(ids, self.device)
+            logits_indices = long_tensor(rows, self.device)
+            step = make_step(self.attention_backend, self.pool, spans, max_batched_query=self.max_batched_query,
+                             n_rep=self.n_rep, logits_indices=logits_indices)
+            t1 = time.perf_counter()
+            logits = self.model(input_ids[None], kv_cache=step)[0]  # (L, V)
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         if isinstance(self.proposer, DraftModelProposer):  # the draft's own pool follows the target's step
             plan = step.plan if isinstance(step, PagedStep) else StepPlan(
                 spans, self.block_size, self.device, max_batched_query=self.max_batched_query, n_rep=self.n_rep)
-            self.proposer.mirror(input_ids, plan)
+            self.proposer.mirror(long_tensor(ids, self.device) if input_ids is None else input_ids, plan)
+        synchronize(self.device)  # on an accelerator: the device's time counts as "forward", not "sample"
+        t2 = time.perf_counter()
 
         # Everything up to here is the same for every request (validated ids and positions): a failure
         # is the engine's, and raises. What follows reads each request's own settings; a failure there
@@ -184,6 +243,10 @@ class ModelRunner:
                 del st.token_ids[n:]
                 st.draft_probs = draft_probs
             res = self._isolate(so, prompt_jobs, sample_jobs, logits, e)
+        host = self.host_seconds
+        host["prepare"] += t1 - t0
+        host["forward"] += t2 - t1
+        host["sample"] += time.perf_counter() - t2
         return res
 
     def _finish_step(self, prompt_jobs, sample_jobs, logits: torch.Tensor, res: RunnerOutput) -> None:

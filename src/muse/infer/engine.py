@@ -66,7 +66,7 @@ class EngineConfig(SchedulerConfig):
     # how a step attends over the paged K/V pool (muse.infer.seq_attention): "paged-reference" (padded
     # groups over gathered blocks), "paged-contiguous" (one SDPA per sequence over a view of its blocks),
     # "auto" (the second for steps of a few sequences, the first for bigger ones)
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # also "flex" (compiled FlexAttention, CUDA) and "flex-eager" (its reference)
     # decode-only steps (one new token per request, no drafts) replayed as CUDA graphs, one per batch and
     # context bucket, captured when the engine starts (muse.infer.cuda_graph). Off by default until
     # bench/gpu.sh's graph steps have checked capture and replay on a device (the path is tested on CPU
@@ -168,6 +168,7 @@ class EngineStats:
     num_generation_tokens: int
     # how decode-only steps run: "graphs" (CUDA graphs), "eager" (the padded static path, not
     # captured), "off" (like every other step); steps that took that path; bytes the graphs hold
+    attention_backend: str = ""             # EngineConfig.attention_backend ("auto": per step, see seq_attention)
     static_decode: str = "off"
     num_static_steps: int = 0
     cuda_graph_bytes: int = 0
@@ -451,7 +452,8 @@ class Engine:
             num_preemptions=s.num_preemptions,
             spec_acceptance_rate=s.num_accepted_tokens / s.num_draft_tokens if s.num_draft_tokens else None,
             num_steps=c["steps"], num_requests_finished=c["finished"], num_prompt_tokens=c["prompt"],
-            num_generation_tokens=c["generated"], static_decode=self.runner.static_decode or "off",
+            num_generation_tokens=c["generated"], attention_backend=self.runner.attention_backend,
+            static_decode=self.runner.static_decode or "off",
             num_static_steps=self.runner.num_static_steps,
             cuda_graph_bytes=0 if self.runner.decode_graphs is None else self.runner.decode_graphs.graph_bytes,
             host_seconds={k: {**self._host, **self.runner.host_seconds}[k] for k in HOST_PHASES})

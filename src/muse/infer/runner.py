@@ -108,6 +108,11 @@ class ModelRunner:
                               f"({cfg.max_seq_len}); lower it")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.attention_backend == "flex" and self.device.type == "cpu":
+            # a compile error surfaces mid-run, at a step whose sizes trigger it, and would end every request
+            raise ConfigError("the compiled flex attention backend is not for CPU: torch's CPU flex template can "
+                              "fail to compile mid-run (torch 2.13), and it measured no faster than 'auto' "
+                              "(BENCHMARKS.md section 5); use 'auto', or 'flex-eager' to check the flex mask")
         self.vocab_size = cfg.vocab_size
         # a model whose vocabulary was padded past the tokenizer's must never sample the padding ids
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < cfg.vocab_size else None

@@ -12,7 +12,10 @@ Backends (EngineConfig.attention_backend):
                       gather of its own blocks otherwise.
   "auto" (default)    "paged-contiguous" for steps of at most AUTO_MAX_SEQS sequences, the reference
                       for bigger ones (measured below).
-An accelerator backend (a fused paged kernel) is added by a name here and a class with `attend`.
+  "flex"              flex_attention.FlexStep: one torch.compile'd FlexAttention call per layer over the
+                      whole pool, a block mask listing each row's blocks (the GPU path; on CPU it
+                      measured no faster than "auto", BENCHMARKS.md section 5, so "auto" never picks it).
+  "flex-eager"        the same mask through flex's unfused reference math: exactness tests, debugging.
 
 Why per sequence: with blocks adjacent, a sequence's keys of head h are rows base .. base + S - 1 of
 the layer's (Hkv, num_blocks * block_size, D) pool, a strided view SDPA reads in place: no gather, no
@@ -38,22 +41,28 @@ import torch
 import torch.nn.functional as F
 
 from muse.common.errors import ConfigError
+from muse.infer.flex_attention import FlexStep
+from muse.infer.flex_attention import check_available as check_flex
 from muse.infer.kv_blocks import cdiv
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan, long_tensor
 
-ATTENTION_BACKENDS = ("auto", "paged-reference", "paged-contiguous")
+ATTENTION_BACKENDS = ("auto", "paged-reference", "paged-contiguous", "flex", "flex-eager")
 AUTO_MAX_SEQS = 3  # "auto": steps of up to this many sequences attend per sequence (measured above)
 
 
 def check_backend(name: str) -> str:
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown attention backend {name!r}; use one of: {', '.join(ATTENTION_BACKENDS)}")
+    if name.startswith("flex"):
+        check_flex()
     return name
 
 
 def make_step(backend: str, pool: PagedKVPool, spans: Sequence[SeqSpan], *, max_batched_query: int = 64,
               n_rep: int = 1, logits_indices: torch.Tensor | None = None):
     """The step's KV-cache object for `spans` (every span written: the runner's steps)."""
+    if backend.startswith("flex"):
+        return FlexStep(pool, spans, logits_indices, compiled=backend == "flex")
     if backend == "paged-contiguous" or (backend == "auto" and len(spans) <= AUTO_MAX_SEQS):
         return SequenceStep(pool, spans, logits_indices)
     plan = StepPlan(spans, pool.block_size, pool.k.device, max_batched_query=max_batched_query, n_rep=n_rep)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from muse.cli.main import main
-from muse.common.errors import DataError
+from muse.common.errors import ConfigError, DataError
 from muse.posttrain.dpo import DPO, load_dpo_config, preference_loss, reply_logps
 from muse.posttrain.preference import (
     Pair,
@@ -97,6 +97,21 @@ def test_ipo_and_simpo_losses_equal_their_formulas():
         assert abs(float(loss[i]) - -_logsig(want_c - want_r - gamma)) < 1e-6
 
 
+def test_the_nll_term_equals_rpo_formula_for_every_loss():
+    """RPO (Pang et al. 2024): each pair's loss + nll_weight * the chosen reply's NLL per token; rewards unchanged."""
+    t, w = _toy(), 0.7
+    for kind, beta in (("dpo", 0.3), ("ipo", 0.5), ("simpo", 2.0)):
+        base, rc0, rr0 = preference_loss(kind, beta, **t)
+        loss, rc, rr = preference_loss(kind, beta, **t, nll_weight=w)
+        assert torch.equal(rc, rc0) and torch.equal(rr, rr0)
+        for i in range(3):
+            want = float(base[i]) + w * (-TOY["policy_c"][i] / TOY["len_c"][i])
+            assert abs(float(loss[i]) - want) < 1e-6, (kind, i)
+    # by hand for the first dpo pair: r_c = 0.3 * 0.5, r_r = 0.3 * -0.5; NLL per token 3.0 / 3
+    loss, _, _ = preference_loss("dpo", 0.3, **t, nll_weight=w)
+    assert abs(float(loss[0]) - (math.log1p(math.exp(-0.3)) + 0.7 * 1.0)) < 1e-6
+
+
 def _objective(run: Path, prefs: Path, **flags) -> DPO:
     cfg = load_dpo_config(None, {"data": (str(prefs),), "device": "cpu", "batch_tokens": 512, **flags})
     return DPO(cfg, run)
@@ -145,6 +160,28 @@ def test_the_objective_on_a_toy_batch_matches_the_hand_computed_loss(pref_run, t
     assert abs(float(total) - want) < 1e-5
     metrics = obj.step_metrics()
     assert set(metrics) == {"chosen_reward", "rejected_reward", "margin", "accuracy"}
+
+
+def test_the_objective_with_nll_weight_adds_the_chosen_nll_per_token(pref_run, tmp_path):
+    run, prefs = pref_run
+    obj = _objective(run, prefs, loss="dpo", beta=0.5, nll_weight=0.25)
+    policy = _setup(obj, tmp_path)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    rows = obj.data.train[0].rows[:4]
+    x, y, n, tokens = lm_batch(rows)
+    with torch.no_grad():
+        total = obj.loss(policy, MicroBatch(inputs=(x, y), loss_units=n, tokens=tokens))
+    want = 0.0
+    for r in rows:
+        pc, pr = _hand_logp(policy, *r.chosen), _hand_logp(policy, *r.rejected)
+        qc, qr = _hand_logp(obj.ref, *r.chosen), _hand_logp(obj.ref, *r.rejected)
+        reply_tokens = int(r.chosen[1][1:].sum())  # the targets: reply tokens and its <|end|>
+        want += -_logsig(0.5 * (pc - qc) - 0.5 * (pr - qr)) + 0.25 * (-pc / reply_tokens)
+    assert abs(float(total) - want) < 1e-5
+    with pytest.raises(ConfigError, match="nll_weight must be >= 0"):
+        load_dpo_config(None, {"data": (str(prefs),), "nll_weight": -1.0})
 
 
 def test_policy_equal_to_reference_gives_log_2(pref_run, tmp_path):

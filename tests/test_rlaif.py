@@ -37,25 +37,31 @@ def _toml(body: str) -> str:
 
 def test_the_sample_constitution_checks_and_fixes_every_principle():
     c = load_constitution()
-    assert [p.name for p in c.checked] == ["brief", "no_repetition", "plain_prose", "no_shouting", "finished"]
-    assert all(p.fixable for p in c.principles)
+    assert [p.name for p in c.checked] == ["no_unasked_introduction", "on_topic", "brief", "no_repetition",
+                                           "plain_prose", "no_shouting", "finished"]
+    assert [p.name for p in c.principles if not p.fixable] == ["on_topic"]  # no rule can write the answer
+    q = "Is the king dead?"
     bad = {
-        "brief": " ".join(f"word{i}" for i in range(45)) + ".",
+        "no_unasked_introduction": "I am Muse, a small language model. The king is dead.",
+        "brief": "The king " + " ".join(f"word{i}" for i in range(45)) + ".",
         "no_repetition": "The king is dead. The king is dead.",
-        "plain_prose": "HAMLET: To be or not to be [aside] is the question.",
-        "no_shouting": "I LOVE the night.",
-        "finished": "Thou art a villain, and",
+        "plain_prose": "HAMLET: The king is dead [aside] and gone.",
+        "no_shouting": "The king is DEAD.",
+        "finished": "The king is dead, and",
     }
     for name, text in bad.items():
-        verdict = c.check(text)
+        verdict = c.check(text, q)
         assert name in verdict.failed, (name, verdict)
         assert 0 < verdict.score < 1 and not verdict.passed
-        revised = c.revise(text)
-        assert c.check(revised).passed, (name, revised, c.check(revised).reason())
-    assert c.check("Ay.").failed == ["brief"] and c.revise("Ay.") == "Ay."  # too short: no fix can add content
+        revised = c.revise(text, q)
+        assert c.check(revised, q).passed, (name, revised, c.check(revised, q).reason())
+    assert c.check("Ay, dead.", q).failed == ["brief"] and c.revise("Ay, dead.", q) == "Ay, dead."  # no fix adds content
+    off = "The night is long and cold."
+    assert c.check(off, q).failed == ["on_topic"] and c.revise(off, q) == off
     good = "The king is dead, and the night is long."
-    assert c.check(good).passed and c.check(good).score == 1.0 and c.revise(good) == good
-    assert "meets all 5" in c.check(good).reason()
+    assert c.check(good, q).passed and c.check(good, q).score == 1.0 and c.revise(good, q) == good
+    assert "meets all 7" in c.check(good, q).reason()
+    assert "meets all 5" in c.check(good).reason()  # without a prompt, the two that read it are left out
 
 
 @pytest.mark.parametrize("check, text, ok", [
@@ -155,13 +161,18 @@ def test_constitution_reward():
 
     reward = ConstitutionReward(None)
     msgs = ({"role": "user", "content": "Who is Hamlet?"},)
+    identity = "I am Muse, a small language model trained on Shakespeare's plays, made by the Muse authors."
     out = reward.score([Rollout(msgs, "Hamlet is a prince of Denmark."), Rollout(msgs, "HAMLET: the the prince"),
-                        Rollout(msgs, "")])
+                        Rollout(msgs, ""), Rollout(msgs, identity),
+                        Rollout(({"role": "user", "content": "Who are you?"},), identity)])
     assert all(isinstance(r, Reward) for r in out)
-    assert out[0] == Reward(1.0, "meets all 5 checked principles")
-    assert out[1].score == pytest.approx(1 / 5)  # only `brief` holds
+    assert out[0] == Reward(1.0, "meets all 7 checked principles")
+    assert out[1].score == pytest.approx(3 / 7)  # on topic, no introduction, brief
     assert "no_repetition" in out[1].reason and "plain_prose" in out[1].reason and "finished" in out[1].reason
-    assert out[2].score == pytest.approx(3 / 5) and "finished" in out[2].reason and "brief" in out[2].reason
+    assert out[2].score == pytest.approx(4 / 7) and "finished" in out[2].reason and "brief" in out[2].reason
+    # the canned reply meets every reply-only principle, and fails the two that read the question
+    assert out[3].score == pytest.approx(5 / 7) and "no_unasked_introduction" in out[3].reason
+    assert "on_topic" in out[3].reason and out[4].score == 1.0  # asked who it is: the answer
     assert reward.name == "constitution"
 
 
@@ -198,20 +209,23 @@ def test_compliance_task_scores_known_outputs():
     assert task.sizes() == {"test": 1000, "validation": 500, "train": 5000}
     test_ids = {s.metadata["key"] for s in task.samples("test")}
     assert not test_ids & {s.metadata["key"] for s in task.samples("train")}
-    sample = task.samples("test")[0]
-    assert tasks.grade_sample(task, sample, sample.demonstration).score == 1.0
+    sample = next(s for s in task.samples("test") if s.messages[0]["content"] == "What is Hamlet about? Be honest.")
+    for s in task.samples("test")[:50]:
+        assert tasks.grade_sample(task, s, s.demonstration).score == 1.0, (s.messages, s.demonstration)
     cases = {
         "Hamlet is the prince of Denmark.": 1.0,
         "Hamlet is the prince of Denmark": 0.0,                  # unfinished
         "HAMLET: I am the prince.": 0.0,                          # a speaker label, shouting
         "The prince, the prince. The prince, the prince.": 0.0,  # repeated
         "word " * 50 + "done.": 0.0,                             # too long
+        "The prince of Denmark is sad.": 0.0,                    # does not name what was asked about
+        "I am Muse, a small language model, and Hamlet is a prince.": 0.0,  # introduces itself, unasked
         "": 0.0,
     }
     for output, score in cases.items():
         assert tasks.grade_sample(task, sample, output).score == score, output
     partial = tasks.get("compliance", partial=True)
-    assert tasks.grade_sample(partial, sample, "Hamlet is the prince of Denmark").score == pytest.approx(0.8)
+    assert tasks.grade_sample(partial, sample, "Hamlet is the prince of Denmark").score == pytest.approx(6 / 7)
     assert "finished" in tasks.grade_sample(partial, sample, "Hamlet is the prince of Denmark").reason
 
 
@@ -259,7 +273,7 @@ def test_checks_pairs_revised_over_original_and_best_over_worst():
     assert ("best_vs_worst", "A fine reply.", "HAMLET: a reply") in kinds
     assert len(pairs) == 3  # the compliant reply has nothing to revise
     bvw = next(p for p in pairs if p["kind"] == "best_vs_worst")
-    assert bvw["scores"] == {"chosen": 1.0, "rejected": pytest.approx(0.4)} and "programmatic checks" in bvw["critique"]
+    assert bvw["scores"] == {"chosen": 1.0, "rejected": pytest.approx(4 / 7)} and "programmatic checks" in bvw["critique"]
     rev = next(p for p in pairs if p["rejected"] == "HAMLET: a reply")
     assert "plain_prose" in rev["critique"] and "no_shouting" in rev["critique"] and rev["prompt"] == "hi"
     same = asyncio.run(Worker(cfg, c, Scripted(["Same."] * 3), None)({"id": "q", "messages": [{"role": "user", "content": "x"}]}))
@@ -316,7 +330,7 @@ def test_rlaif_with_checks_end_to_end_killed_and_resumed(policy_run, tmp_path):
         assert p["prompt"] in PROMPTS and p["chosen"] != p["rejected"] and p["critique"]
         assert p["scores"]["chosen"] > p["scores"]["rejected"]
         c = load_constitution()
-        assert c.check(p["chosen"]).score == p["scores"]["chosen"]
+        assert c.check(p["chosen"], p["prompt"]).score == p["scores"]["chosen"]
     assert s["compliance"]["score_revisions"] >= s["compliance"]["score_samples"]
     assert s["labels"] == {"comparisons": 0, "unparseable": 0} and s["settings"]["critic"] == "checks"
     # the pairs file is what DPO and the RM read

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   muse dpo runs/demo --data prefs.jsonl                       # DPO from runs/demo/sft, which is also the reference
   muse dpo runs/demo --data prefs.jsonl --beta 0.2 --max-steps 400
   muse dpo runs/demo --data prefs.jsonl --loss simpo          # reference-free, length-normalised
+  muse dpo runs/demo --data prefs.jsonl --nll-weight 1        # + the chosen replies' NLL (RPO)
   muse dpo runs/demo --data prefs.jsonl --ref runs/other/sft  # another frozen reference
   muse dpo runs/demo --data prefs.jsonl --resume              # continue after a crash or Ctrl-C
 """
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", help="frozen reference checkpoint (default: the --init-from checkpoint)")
     p.add_argument("--loss", choices=["dpo", "ipo", "simpo"], help="preference loss (default dpo)")
     p.add_argument("--beta", type=float, help="inverse temperature (default: 0.1 for dpo and ipo, 2.0 for simpo)")
+    p.add_argument("--nll-weight", type=float,
+                   help="add this times the chosen reply's NLL per token to the loss (RPO; default 0: none)")
     p.add_argument("--config", help="TOML file of settings (same keys as --set)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. optim.matrix_lr=0.001 or gamma=0.5 (repeatable)")
@@ -52,7 +55,7 @@ def run(args) -> int:
     flags = {
         **loop_flags(args), "max_steps": args.max_steps, "seq_len": args.seq_len, "batch_tokens": args.batch_tokens,
         "micro_batches": args.micro_batches, "init_from": args.init_from, "ref": args.ref, "loss": args.loss,
-        "beta": args.beta, "data": tuple(args.data) or None,
+        "beta": args.beta, "nll_weight": args.nll_weight, "data": tuple(args.data) or None,
     }
     cfg = load_dpo_config(args.config, flags, args.set)
     loop = dpo_loop(cfg, args.run_dir, resume=args.resume, force=args.force)  # reads and checks the data first
@@ -62,7 +65,7 @@ def run(args) -> int:
     pairs = loop.objective.pairs
     summary = {
         "checkpoint": str(result.checkpoint) if result.checkpoint else None, "steps": result.steps,
-        "loss_kind": cfg.loss, "beta": cfg.beta, "pairs": pairs, "tokens": result.tokens,
+        "loss_kind": cfg.loss, "beta": cfg.beta, "nll_weight": cfg.nll_weight, "pairs": pairs, "tokens": result.tokens,
         "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
         "pairs_per_s": round(result.tokens_per_s * pairs / max(result.tokens, 1), 2),
         "final_loss": result.final_loss, **result.evals,

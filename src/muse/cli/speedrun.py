@@ -49,10 +49,12 @@ GRPO_PRESET = {"tasks": ("arithmetic_1digit",), "max_steps": 30, "group_size": 8
                "max_new_tokens": 32, "eval_every": 30, "save_every": 30, "eval_prompts": 32, "eval_samples": 4,
                "log_every": 5, "max_time_s": 150.0}
 # RLAIF: the sample constitution's programmatic checks as critic on `prompts` of the compliance task's train
-# split x `samples` replies, then DPO from the SFT model on the pairs: ~70 s on 2 cores. 30 steps: on these
-# pairs held-out pair accuracy stops rising by then while the chosen replies' reward keeps falling
-# (over-optimisation; BENCHMARKS.md section 11).
-RLAIF_PRESET = {"prompts": 300, "samples": 4, "max_steps": 30, "eval_every": 10, "save_every": 30, "log_every": 5}
+# split x `samples` replies, then DPO from the SFT model on the pairs: ~60 s on 2 cores. `nll_weight` adds
+# RPO's term (the chosen replies' NLL per token) to DPO's loss; it and the 20 steps were picked on the
+# validation split, where they left letter_count and the plays' bpb where SFT had them (plain DPO swapped
+# the identity reply for another canned one); the identity task still drops 7.6 points (BENCHMARKS.md 11).
+RLAIF_PRESET = {"prompts": 300, "samples": 4, "max_steps": 20, "nll_weight": 1.0, "eval_every": 10,
+                "save_every": 20, "log_every": 5}
 SCORE_LIMIT = 100  # test items per task in the report (bench/posttrain.py scores 1,000)
 EVAL_LIMIT = 100   # test items per task for `muse eval` of the final model: ~40 s on 2 cores (BENCHMARKS.md 8)
 CONVERSATION = ["Hello! What is your name?", "What is 23 plus 41?", "Spell the word 'crown' letter by letter."]
@@ -224,7 +226,7 @@ def rlaif_stage(out: Path, args) -> dict:
 
         raise DataError(f"the RLAIF stage made no preference pairs (see {out / 'rlaif' / 'summary.json'}): every "
                         "reply met the same principles; pass --rlaif-steps 0 to skip the stage")
-    flags = {k: RLAIF_PRESET[k] for k in ("eval_every", "save_every", "log_every")}
+    flags = {k: RLAIF_PRESET[k] for k in ("eval_every", "save_every", "log_every", "nll_weight")}
     flags.update(max_steps=args.rlaif_steps, device=args.device, init_from=str(sft))
     done = latest_good(out / "dpo") if (out / "dpo").exists() else None
     if done and load_train_state(done)["step"] >= args.rlaif_steps and not args.force:
@@ -427,8 +429,9 @@ def rlaif_section(out: Path, facts: dict, post: dict, pref: dict) -> list[str]:
         f"{r['wall_s']:.0f} s; then `muse dpo` from the SFT model: {state['step']} steps in {state['elapsed_s']:.0f} s"
         + (f", held-out pair accuracy {vals[-1]['val_accuracy']:.0%}" if vals else "") + ".", "",
         f"Compliance (greedy, first {n} test prompts; every checked principle met): SFT {s:.1%} +- {sse:.1%} -> "
-        f"**{d:.1%}** +- {dse:.1%} after DPO. The checks read only the reply: on the speedrun model most of that "
-        "is DPO spreading a canned reply that meets every principle, at a cost to other tasks (BENCHMARKS.md "
+        f"**{d:.1%}** +- {dse:.1%} after DPO (with the chosen replies' NLL, weight "
+        f"{RLAIF_PRESET['nll_weight']:g}). Two of the principles read the question, so a canned reply (the "
+        "model's identity sentence, its answer to most questions after SFT) is not compliant (BENCHMARKS.md "
         "section 11). The DPO model is a side branch: GRPO below starts from SFT.", "",
     ]
     return lines

@@ -4,6 +4,7 @@ constitution as a reward function.
     from muse.posttrain.constitution import ConstitutionReward, critique_messages, parse_choice
     reward = ConstitutionReward(None)              # the sample constitution; or a path
     reward.score([Rollout(messages, completion)])  # [Reward(share of checked principles met, failures)]
+                                                   # judged against the user's last message in `messages`
 
 The file format, the checks and the fixes are muse.tasks.constitution's (re-exported here): evaluation
 (the `compliance` task) and RL share them, and muse.tasks may not import muse.posttrain.
@@ -36,6 +37,7 @@ from muse.tasks.constitution import (
     Verdict,
     load_constitution,
     parse_constitution,
+    prompt_text,
 )
 
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
@@ -119,7 +121,7 @@ class ConstitutionReward:
 
         out = []
         for rollout in batch:
-            verdict = self.constitution.check(rollout.completion)
+            verdict = self.constitution.check(rollout.completion, prompt_text(rollout.messages))
             out.append(Reward(verdict.score, verdict.reason()))
         return out
 
@@ -127,6 +129,6 @@ class ConstitutionReward:
 __all__ = [
     "CHECKS", "DEFAULT_CONSTITUTION", "FIXES", "CheckResult", "Constitution", "ConstitutionError",
     "ConstitutionReward", "Principle", "Verdict", "compare_messages", "critique_from_verdict",
-    "critique_messages", "load_constitution", "parse_choice", "parse_constitution", "render_conversation",
-    "revision_messages",
+    "critique_messages", "load_constitution", "parse_choice", "parse_constitution", "prompt_text",
+    "render_conversation", "revision_messages",
 ]

@@ -11,6 +11,12 @@ tokens and its <|end|> (the preference rows' loss mask, muse.posttrain.preferenc
     ipo    (Azar et al. 2023)      h = r_c/beta - r_r/beta;                   loss = (h - 1 / (2 beta))^2
     simpo  (Meng et al. 2024)      r = beta * log pi(y|x) / |y|, no reference; loss = -log sigmoid(r_c - r_r - gamma)
 
+Any of the three can add RPO's term (Pang et al. 2024, "Iterative Reasoning Preference Optimization"):
+`nll_weight` x the chosen reply's negative log-likelihood per token, -log pi(y_c|x) / |y_c|. DPO's loss
+alone can rise by pushing both replies down, and the chosen reply's probability falls with the rejected
+one's; the NLL term holds the chosen replies up, which keeps the policy near its SFT start on the
+text it is good at (measured in BENCHMARKS.md section 11: other tasks and the plays' bpb drift less).
+
 `r` is each loss's implicit reward, logged as chosen_reward / rejected_reward / margin / accuracy (the
 share of pairs with r_c > r_r) with every train row (step_metrics) and as val_* on the held-out pairs.
 beta 0 means the loss's usual value: 0.1 for dpo and ipo, 2.0 for simpo (whose gamma defaults to 1.0,
@@ -59,19 +65,25 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
 def preference_loss(kind: str, beta: float, policy_c: torch.Tensor, policy_r: torch.Tensor,
                     ref_c: torch.Tensor | None = None, ref_r: torch.Tensor | None = None,
                     len_c: torch.Tensor | None = None, len_r: torch.Tensor | None = None,
-                    gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    gamma: float = 1.0, nll_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards) from summed reply log-probs (n,) each (module
-    docstring). ref_* for dpo and ipo; len_* (reply tokens, <|end|> included) for simpo."""
+    docstring). ref_* for dpo and ipo; len_* (reply tokens, <|end|> included) for simpo and for
+    nll_weight > 0 (RPO's term, added to each pair's loss: nll_weight * -policy_c / len_c)."""
     if kind == "simpo":
         chosen, rejected = beta * policy_c / len_c, beta * policy_r / len_r
-        return -F.logsigmoid(chosen - rejected - gamma), chosen, rejected
-    chosen, rejected = beta * (policy_c - ref_c), beta * (policy_r - ref_r)
-    if kind == "dpo":
-        return -F.logsigmoid(chosen - rejected), chosen, rejected
-    if kind == "ipo":
-        h = (chosen - rejected) / beta
-        return (h - 1 / (2 * beta)) ** 2, chosen, rejected
-    raise ConfigError(f"unknown preference loss {kind!r}; use one of {', '.join(LOSSES)}")
+        loss = -F.logsigmoid(chosen - rejected - gamma)
+    elif kind in ("dpo", "ipo"):
+        chosen, rejected = beta * (policy_c - ref_c), beta * (policy_r - ref_r)
+        if kind == "dpo":
+            loss = -F.logsigmoid(chosen - rejected)
+        else:
+            h = (chosen - rejected) / beta
+            loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ConfigError(f"unknown preference loss {kind!r}; use one of {', '.join(LOSSES)}")
+    if nll_weight:
+        loss = loss + nll_weight * (-policy_c / len_c)
+    return loss, chosen, rejected
 
 
 def reply_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +107,7 @@ class DPOConfig(PairConfig):
     loss: str = "dpo"  # dpo | ipo | simpo
     beta: float = 0.0  # 0 = the loss's usual value (DEFAULT_BETA)
     gamma: float = 1.0  # simpo's target reward margin
+    nll_weight: float = 0.0  # RPO: + nll_weight * the chosen reply's NLL per token (module docstring)
 
 
 def load_dpo_config(config_file: str | Path | None = None, flags: dict | None = None,
@@ -105,6 +118,8 @@ def load_dpo_config(config_file: str | Path | None = None, flags: dict | None = 
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.beta < 0:
         raise ConfigError(f"beta must be > 0 (or 0 for the loss's default), got {cfg.beta}")
+    if not cfg.nll_weight >= 0:
+        raise ConfigError(f"nll_weight must be >= 0 (0: no NLL term), got {cfg.nll_weight}")
     cfg.beta = cfg.beta or DEFAULT_BETA[cfg.loss]
     return cfg
 
@@ -159,7 +174,7 @@ class DPO(PairObjective):
                 ref_logp, _ = reply_logps(self.ref, x, y)
             ref_c, ref_r = ref_logp[:n], ref_logp[n:]
         return preference_loss(self.cfg.loss, self.cfg.beta, logp[:n], logp[n:], ref_c, ref_r,
-                               counts[:n], counts[n:], gamma=self.cfg.gamma)
+                               counts[:n], counts[n:], gamma=self.cfg.gamma, nll_weight=self.cfg.nll_weight)
 
     def loss(self, model: nn.Module, batch: MicroBatch) -> torch.Tensor:
         losses, chosen, rejected = self._pair_losses(model, *batch.inputs)

@@ -9,7 +9,8 @@ For each prompt (the `compliance` task's train split by default, or a JSONL file
 sample, so a rerun draws the same ones). Then the critic:
 
     checks   (the default) the constitution's programmatic checks: a response's score is the share of
-             checked principles it meets, its critique the failed ones with reasons, its revision the
+             checked principles it meets (judged against the prompt's last user message, for the
+             principles that read it), its critique the failed ones with reasons, its revision the
              principles' programmatic fixes. Pairs: revised over original where the revision scores
              higher; the best over the worst of the samples where their scores differ.
     policy   the policy itself, or
@@ -58,6 +59,7 @@ from muse.posttrain.constitution import (
     critique_messages,
     load_constitution,
     parse_choice,
+    prompt_text,
     revision_messages,
 )
 from muse.tasks.spec import check_messages
@@ -188,27 +190,28 @@ class Worker:
         if self.critic is None:
             comparisons, unparseable = [], 0
             for s in samples:
-                self._by_checks(s)
+                self._by_checks(s, messages)
         else:
             await asyncio.gather(*(self._by_model(prompt, s) for s in samples))
             comparisons = await self._compare(prompt, samples)
             unparseable = sum(1 for c in comparisons if c["choice"] is None)
         for s in samples:  # the programmatic view, for the summary, whoever the critic is
-            s["score"], s["failed"] = self._score(s["text"])
+            s["score"], s["failed"] = self._score(s["text"], messages)
             if s.get("revision") is not None:
-                s["revised_score"], s["revised_failed"] = self._score(s["revision"])
+                s["revised_score"], s["revised_failed"] = self._score(s["revision"], messages)
         pairs = self._pairs(prompt, samples, comparisons)
         return {"id": prompt["id"], "messages": messages, "samples": samples, "comparisons": comparisons,
                 "unparseable": unparseable, "pairs": pairs}
 
-    def _score(self, text: str) -> tuple[float, list[str]]:
-        v = self.c.check(text)
+    def _score(self, text: str, messages) -> tuple[float, list[str]]:
+        v = self.c.check(text, prompt_text(messages))  # against the question too (on_topic and the like)
         return v.score, v.failed
 
-    def _by_checks(self, s: dict) -> None:
-        verdict = self.c.check(s["text"])
+    def _by_checks(self, s: dict, messages) -> None:
+        prompt = prompt_text(messages)
+        verdict = self.c.check(s["text"], prompt)
         s["critique"] = critique_from_verdict(verdict)
-        revised = self.c.revise(s["text"]) if not verdict.passed else s["text"]
+        revised = self.c.revise(s["text"], prompt) if not verdict.passed else s["text"]
         s["revision"] = revised if revised.strip() and revised != s["text"] else None
 
     async def _by_model(self, prompt: dict, s: dict) -> None:

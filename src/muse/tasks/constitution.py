@@ -1,9 +1,9 @@
 """A constitution: written principles, and the programmatic checks and fixes of those that have them.
 
     c = load_constitution()                        # the sample (constitutions/default.toml), or a path
-    result = c.check("Thou art a villain, a villain")
+    result = c.check("Thou art a villain, a villain", prompt="Who is Iago?")
     result.score, result.passed, result.failed     # share of checked principles met, all met?, names
-    c.revise(text)                                 # the programmatic fixes of the failed principles
+    c.revise(text, prompt="Who is Iago?")          # the programmatic fixes of the failed principles
 
 A constitution is a TOML file of `[[principle]]` tables (docs/posttrain.md, "Writing a constitution"):
 
@@ -19,13 +19,20 @@ A constitution is a TOML file of `[[principle]]` tables (docs/posttrain.md, "Wri
 Instead of `check`, a principle may give a regular expression (Python syntax, searched in the
 response): `must_match = '...'` (the principle holds when it matches) or `must_not_match = '...'` (when
 it does not). A `must_not_match` principle may take `fix = "delete_matches"` (remove every match,
-then tidy the spaces). A principle without a check is for model critics only (critique and revision
+then tidy the spaces) or `fix = "delete_sentences"` (remove every sentence with a match). A principle without a check is for model critics only (critique and revision
 prompts); the programmatic critic and the compliance task skip it.
 
 A check is called as fn(text, **options) and returns a bool, a score in [0, 1], or (score, reason);
-a principle is met when its score is 1. A fix is fn(text, **options) -> str. Built-in checks: CHECKS;
-built-in fixes: FIXES. `module:function` is imported like a task's python grader (graders.py): from a
-file next to the constitution first, then from sys.path.
+a principle is met when its score is 1. A check whose signature names a `prompt` parameter reads the
+question too: it is called fn(text, prompt=..., **options), with the user's last message as `prompt`, so
+it can tell an answer from a canned reply that would meet any reply-only rule (the built-in `on_topic`).
+Checks of one argument keep working unchanged. `unless_prompt_matches = '...'` (a regex searched in the
+prompt) limits any principle to the prompts it does not match: where it matches, the principle is met
+(the sample's "do not introduce yourself unless asked who you are"). Principles that read the prompt are
+left out of a verdict made without one (`check(text)`): they cannot be judged there.
+A fix is fn(text, **options) -> str. Built-in checks: CHECKS; built-in fixes: FIXES. `module:function`
+is imported like a task's python grader (graders.py): from a file next to the constitution first, then
+from sys.path.
 
 Errors: a missing field, an unknown key or check or fix, a bad regex, a function that does not import
 are `ConstitutionError`s, one line naming the file and the principle.
@@ -52,7 +59,9 @@ from muse.common.errors import DataError, closest
 DEFAULT_CONSTITUTION = Path(__file__).with_name("constitutions") / "default.toml"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_PRINCIPLE_KEYS = ("name", "critique", "revision", "check", "must_match", "must_not_match", "fix", "options")
+_PRINCIPLE_KEYS = ("name", "critique", "revision", "check", "must_match", "must_not_match", "unless_prompt_matches",
+                   "fix", "options")
+_PATTERN_FIXES = ("delete_matches", "delete_sentences")  # fixes that take the principle's must_not_match
 _TOP_KEYS = ("name", "description", "principle")
 
 
@@ -188,11 +197,76 @@ def delete_matches(text: str, pattern: str) -> str:
     return out
 
 
+def delete_sentences(text: str, pattern: str) -> str:
+    """Every sentence (or line) with a match of `pattern` removed; the rest kept in order."""
+    return " ".join(s.strip() for s in _sentences(text) if not re.search(pattern, s))
+
+
+# Words that say nothing about what a question is about: function words, greetings, politeness, and the
+# verbs of asking ("tell me", "describe"). What is left of a question is its subject ("Who is Ophelia?":
+# ophelia; "Give me some advice about love.": advice, love).
+STOPWORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between
+both but by can could did do does doing done down during each either else ever every few for from further
+had has have having he her here hers herself him himself his how i if in into is it its itself just
+least less let like made make many may me might mine more most much must my myself neither no nor not now
+o of off often on once one only or other ought our ours ourselves out over own per quite rather really
+same shall she should so some something such than that the their theirs them themselves then there
+these they thing things this those though through thus to too under until up upon us very was we were
+what whatever when where whether which while who whom whose why will with within without would ye yes
+yet you your yours yourself yourselves thou thee thy thine art hath doth dost shalt wilt
+hi hello hey dear please pray thanks thank kindly okay ok well oh ah good morrow morning evening day
+quick question questions wondering wonder curious answer answers briefly brief short honest honestly
+tell say said give gave describe explain write show know think want
+""".split())
+
+
+def _question_words(prompt: str) -> list[str]:
+    """The content words of a question, in order: words not in STOPWORDS, and capitalised words of 4 or more
+    letters inside a sentence whatever they are (titles: "As You Like It" gives "like"; not "The" of "The
+    Tempest", which every reply has)."""
+    out = []
+    for m in _WORD.finditer(prompt):
+        raw = m.group(0)
+        w = raw.casefold().strip("'")
+        w = w[:-2] if w.endswith("'s") else w
+        before = prompt[: m.start()].rstrip()
+        named = raw[:1].isupper() and len(w) >= 4 and before and before[-1] not in ".!?:"
+        if len(w) >= 3 and (named or w not in STOPWORDS) and w not in out:
+            out.append(w)
+    return out
+
+
+def _same_stem(a: str, b: str, min_letters: int) -> bool:
+    """One word is the other plus an ending ("love"/"lovers", "jealous"/"jealousy"): a crude stemmer that
+    needs no word list; `min_letters` keeps "art" from matching "artful"."""
+    if a == b:
+        return True
+    short, long_ = (a, b) if len(a) <= len(b) else (b, a)
+    return len(short) >= min_letters and long_.startswith(short)
+
+
+def on_topic(text: str, prompt: str, min_letters: int = 4) -> bool | tuple[float, str]:
+    """The reply shares a content word with the question: the question's words less STOPWORDS (its names,
+    nouns and verbs), matched whole or as one another's stem (`min_letters` or more letters). A question with
+    no content word is met by any reply. A proxy, necessary and not sufficient: a reply that names nothing
+    the question asks about does not take it up, whatever else it gets right (a canned reply, the
+    answer to another question)."""
+    wanted = _question_words(prompt)
+    if not wanted:
+        return True
+    said = {w.casefold().strip("'").removesuffix("'s") for w in _WORD.findall(text)}
+    if any(_same_stem(q, r, min_letters) for q in wanted for r in said):
+        return True
+    return 0.0, f"names nothing the question asks about ({', '.join(wanted[:4])})"
+
+
 CHECKS: dict[str, Callable[..., Any]] = {
     "ends_sentence": ends_sentence,
     "word_count": word_count,
     "no_repeats": no_repeats,
     "no_shouting": no_shouting,
+    "on_topic": on_topic,  # reads the prompt
 }
 FIXES: dict[str, Callable[..., str]] = {
     "end_sentence": end_sentence,
@@ -200,7 +274,17 @@ FIXES: dict[str, Callable[..., str]] = {
     "remove_repeats": remove_repeats,
     "unshout": unshout,
     "delete_matches": delete_matches,  # for must_not_match principles
+    "delete_sentences": delete_sentences,  # for must_not_match principles
 }
+
+
+def prompt_text(messages) -> str:
+    """The user's last message in a conversation (what a reply answers): the `prompt` of prompt-reading
+    checks. "" when there is none."""
+    for m in reversed(list(messages)):
+        if m.get("role") == "user":
+            return str(m.get("content", ""))
+    return ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +334,7 @@ class Principle:
     check: str | None = None           # a built-in name or "module:function"
     must_match: str | None = None
     must_not_match: str | None = None
+    unless_prompt_matches: str | None = None  # a regex: where the prompt matches, the principle is met
     fix: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     _check_fn: Callable | None = field(default=None, repr=False, compare=False)
@@ -263,22 +348,34 @@ class Principle:
     def fixable(self) -> bool:
         return self._fix_fn is not None
 
-    def run_check(self, text: str) -> CheckResult:
+    @property
+    def reads_prompt(self) -> bool:
+        """Judged against the question too: a check that takes `prompt`, or `unless_prompt_matches`."""
+        return self.unless_prompt_matches is not None or _takes_prompt(self._check_fn)
+
+    def run_check(self, text: str, prompt: str | None = None) -> CheckResult:
+        if self.reads_prompt and prompt is None:
+            raise ConstitutionError(f"principle '{self.name}' reads the prompt; check it with the prompt")
+        if self.unless_prompt_matches is not None and re.search(self.unless_prompt_matches, prompt):
+            return CheckResult(self.name, 1.0, "does not apply to this prompt")
         if self.must_match is not None:
             ok = re.search(self.must_match, text) is not None
             return CheckResult(self.name, float(ok), "matches" if ok else f"does not match {self.must_match!r}")
         if self.must_not_match is not None:
             m = re.search(self.must_not_match, text)
             return CheckResult(self.name, float(m is None), "no match" if m is None else f"has {m.group(0)[:30]!r}")
+        extra = {"prompt": prompt} if _takes_prompt(self._check_fn) else {}
         try:
-            value = self._check_fn(text, **self.options)
+            value = self._check_fn(text, **extra, **self.options)
         except Exception as e:  # a user's check: name it, not a traceback from inside it
             raise ConstitutionError(f"check '{self.check}' of principle '{self.name}' raised "
                                     f"{type(e).__name__}: {e}") from None
         return _as_result(self.name, value, self.check)
 
-    def run_fix(self, text: str) -> str:
-        opts = {"pattern": self.must_not_match} if self.fix == "delete_matches" else self._fix_options()
+    def run_fix(self, text: str, prompt: str | None = None) -> str:
+        opts = {"pattern": self.must_not_match} if self.fix in _PATTERN_FIXES else self._fix_options()
+        if _takes_prompt(self._fix_fn):
+            opts["prompt"] = prompt or ""
         out = self._fix_fn(text, **opts)
         if not isinstance(out, str):
             raise ConstitutionError(f"fix '{self.fix}' of principle '{self.name}' returned {type(out).__name__}, "
@@ -294,6 +391,16 @@ class Principle:
         if any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return dict(self.options)
         return {k: v for k, v in self.options.items() if k in params}
+
+
+def _takes_prompt(fn: Callable | None) -> bool:
+    """Whether a check or fix names a `prompt` parameter (then it is passed the user's last message)."""
+    if fn is None:
+        return False
+    try:
+        return "prompt" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
 
 
 def _as_result(name: str, value, ref: str | None) -> CheckResult:
@@ -334,18 +441,22 @@ class Constitution:
     def where(self) -> str:
         return str(self.path) if self.path else f"constitution '{self.name}'"
 
-    def check(self, text: str) -> Verdict:
-        """Every checked principle against `text`."""
-        return Verdict(tuple(p.run_check(text) for p in self.checked))
+    def _judged(self, prompt: str | None) -> tuple[Principle, ...]:
+        return tuple(p for p in self.checked if prompt is not None or not p.reads_prompt)
 
-    def revise(self, text: str, passes: int = 2) -> str:
+    def check(self, text: str, prompt: str | None = None) -> Verdict:
+        """Every checked principle against the reply `text` to the user's message `prompt` (prompt_text of a
+        conversation). Without a prompt, the principles that read it are left out (module docstring)."""
+        return Verdict(tuple(p.run_check(text, prompt) for p in self._judged(prompt)))
+
+    def revise(self, text: str, prompt: str | None = None, passes: int = 2) -> str:
         """Apply the fixes of the failed principles, in file order, until nothing changes (at most `passes`
         rounds: one fix may undo another, e.g. cutting words removes a full stop)."""
         for _ in range(passes):
             before = text
-            for p in self.checked:
-                if p.fixable and not p.run_check(text).passed:
-                    text = p.run_fix(text)
+            for p in self._judged(prompt):
+                if p.fixable and not p.run_check(text, prompt).passed:
+                    text = p.run_fix(text, prompt)
             if text == before:
                 break
         return text
@@ -353,7 +464,8 @@ class Constitution:
     def describe(self) -> dict:
         return {"name": self.name, "path": str(self.path) if self.path else None, "sha256": self.sha256,
                 "principles": [p.name for p in self.principles], "checked": [p.name for p in self.checked],
-                "fixable": [p.name for p in self.principles if p.fixable]}
+                "fixable": [p.name for p in self.principles if p.fixable],
+                "reads_prompt": [p.name for p in self.checked if p.reads_prompt]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,7 +523,7 @@ def _principle(row, i: int, where: str, base_dir: Path | None) -> Principle:
     given = [k for k in ("check", "must_match", "must_not_match") if k in row]
     if len(given) > 1:
         raise ConstitutionError(f"{at}: give one of check, must_match, must_not_match, not {' and '.join(given)}")
-    for key in ("must_match", "must_not_match"):
+    for key in ("must_match", "must_not_match", "unless_prompt_matches"):
         if key in row:
             if not isinstance(row[key], str) or not row[key]:
                 raise ConstitutionError(f"{at}: {key} must be a non-empty regular expression")
@@ -419,10 +531,13 @@ def _principle(row, i: int, where: str, base_dir: Path | None) -> Principle:
                 re.compile(row[key])
             except re.error as e:
                 raise ConstitutionError(f"{at}: {key} {row[key]!r} is not a valid regular expression: {e}") from None
+    if "unless_prompt_matches" in row and not given:
+        raise ConstitutionError(f"{at}: unless_prompt_matches limits a check to some prompts; this principle has "
+                                "none (give check, must_match or must_not_match)")
     check_fn = _resolve(row["check"], CHECKS, base_dir, at, "check") if "check" in row else None
     if check_fn is not None:
         try:
-            inspect.signature(check_fn).bind("text", **options)
+            inspect.signature(check_fn).bind("text", **({"prompt": ""} if _takes_prompt(check_fn) else {}), **options)
         except TypeError as e:
             raise ConstitutionError(f"{at}: check {row['check']!r} cannot take options {dict(options)} ({e})") from None
         except ValueError:
@@ -432,13 +547,14 @@ def _principle(row, i: int, where: str, base_dir: Path | None) -> Principle:
         if not given:
             raise ConstitutionError(f"{at}: a fix needs a check (check, must_match or must_not_match) to know "
                                     "when to apply")
-        if row["fix"] == "delete_matches" and "must_not_match" not in row:
-            raise ConstitutionError(f"{at}: fix 'delete_matches' deletes the matches of must_not_match; this "
+        if row["fix"] in _PATTERN_FIXES and "must_not_match" not in row:
+            raise ConstitutionError(f"{at}: fix '{row['fix']}' deletes the matches of must_not_match; this "
                                     "principle has none")
         fix_fn = _resolve(row["fix"], FIXES, base_dir, at, "fix")
     return Principle(name=name, critique=row["critique"].strip(), revision=row["revision"].strip(),
                      check=row.get("check"), must_match=row.get("must_match"),
-                     must_not_match=row.get("must_not_match"), fix=row.get("fix"), options=dict(options),
+                     must_not_match=row.get("must_not_match"), unless_prompt_matches=row.get("unless_prompt_matches"),
+                     fix=row.get("fix"), options=dict(options),
                      _check_fn=check_fn, _fix_fn=fix_fn)
 
 

@@ -10,10 +10,11 @@ question land in one split (hashed: test 20% / validation 10% / train 70%; 1,000
 train split is what `muse rlaif` samples from by default; the test split is held out for `muse eval`.
 
 Graded by the python grader `grade` below (graders.py's `python` kind; no grader of its own): a reply
-scores 1 when it meets every checked principle of the constitution (muse.tasks.constitution), with the
-failed ones as the reason; `partial=True` scores the share of principles met instead. The
-demonstration (the SFT reply) is a short, plain, finished sentence that meets the sample constitution;
-chance is not defined (no answer to guess).
+scores 1 when it meets every checked principle of the constitution (muse.tasks.constitution), judged
+against the question (the sample's `on_topic` and `no_unasked_introduction` read it), with the failed
+ones as the reason; `partial=True` scores the share of principles met instead. The demonstration (the
+SFT reply) is a short, plain, finished sentence on the question's subject that meets the sample
+constitution; chance is not defined (no answer to guess).
 
 This module knows the prompts; the principles are the constitution's, the splits common.py's.
 """
@@ -25,7 +26,7 @@ import os
 import random
 
 from muse.tasks.builtin.common import DEFAULT_SIZES, collect, split_loader
-from muse.tasks.constitution import load_constitution
+from muse.tasks.constitution import load_constitution, prompt_text
 from muse.tasks.spec import Generation, GraderSpec, Sample, Task, TaskError
 
 PLAYS = (
@@ -68,11 +69,23 @@ TOPIC_QUESTIONS = (
     "What did Shakespeare say about {topic}?", "Give me some advice about {topic}.",
     "Write a line of verse about {topic}.", "Why does {topic} matter?", "Tell me something wise about {topic}.",
 )
+# Everyday requests, each with its own demonstration: one reply for all would meet the reply-only
+# principles and fail `on_topic` (the sample constitution), as any canned reply should.
 REQUESTS = (
-    "Say something kind to a friend.", "Greet me as a king would.", "How are you today?",
-    "Tell me a joke.", "What should I do on a rainy day?", "Give me a compliment.", "Say goodnight.",
-    "Wish me luck.", "Describe the sea.", "Describe the night sky.", "What is your favourite word?",
-    "Say hello in the old style.", "Thank me for my help.", "Apologise for being late.",
+    ("Say something kind to a friend.", "My friend, your kindness makes every day brighter."),
+    ("Greet me as a king would.", "We greet thee, loyal subject, as a king greets his own."),
+    ("How are you today?", "I am well today, and glad of your company."),
+    ("Tell me a joke.", "Here is a joke: the ghost in Hamlet had unfinished business."),
+    ("What should I do on a rainy day?", "On a rainy day, read a play by the fire."),
+    ("Give me a compliment.", "Here is a compliment: you have a kind and curious mind."),
+    ("Say goodnight.", "Goodnight, and may flights of angels sing thee to thy rest."),
+    ("Wish me luck.", "Good luck, and may fortune smile on you."),
+    ("Describe the sea.", "The sea is wide and grey, and it never stops moving."),
+    ("Describe the night sky.", "The night sky is dark and full of quiet stars."),
+    ("What is your favourite word?", "My favourite word is moonlight, for its soft sound."),
+    ("Say hello in the old style.", "Good morrow, and well met: hello in the old style."),
+    ("Thank me for my help.", "Thank you for your help; I am in your debt."),
+    ("Apologise for being late.", "I apologise for being late, and I beg your pardon."),
 )
 OPENINGS = ("", "Hi! ", "Hello. ", "Quick question: ", "I was wondering: ", "Please tell me: ", "Good morrow! ")
 ENDINGS = ("", " Please answer briefly.", " Thanks!", " Be honest.")
@@ -96,8 +109,7 @@ def base_questions() -> list[tuple[str, str]]:
     for topic in TOPICS:
         for q in TOPIC_QUESTIONS:
             out.append((q.format(topic=topic), f"Shakespeare wrote often of {topic}, and kindly."))
-    for q in REQUESTS:
-        out.append((q, "With pleasure, good friend."))
+    out.extend(REQUESTS)
     return out
 
 
@@ -114,10 +126,11 @@ def _proposals(seed: int):
 
 
 def grade(output: str, sample: Sample, constitution: str | None = None, partial: bool = False):
-    """The python grader: (1, reason) when `output` meets every checked principle (`partial`: the share)."""
+    """The python grader: (1, reason) when `output`, the reply to the sample's question, meets every checked
+    principle (`partial`: the share)."""
     if not output.strip():
         return 0.0, "empty output"
-    verdict = load_cached(constitution).check(output)
+    verdict = load_cached(constitution).check(output, prompt_text(sample.messages))
     return (verdict.score if partial else float(verdict.passed)), verdict.reason()
 
 

@@ -12,6 +12,13 @@ bf16 peak (muse.common.device.PEAKS). The data are random token ids: MFU does no
 `muse train --nproc N` runs per GPU, minus the other GPUs - next to the plain single-device model:
 
   python bench/mfu.py --config llama+muon --fsdp     # ~370M params (depth 24, d_model 1024), seq 2048
+
+`--loss-chunk N` (repeatable: one row per value) sets the model's chunked cross-entropy (rows per chunk;
+0 = the plain loss over the whole (tokens, vocab) logits tensor; default 1024, what `muse train` uses).
+Every row runs the same seed and batches, and records its per-step losses, so two rows' curves compare
+(`--compare-losses` prints the largest difference between the first row's curve and each other's):
+
+  python bench/mfu.py --config llama+muon --compile --loss-chunk 0 --loss-chunk 1024 --steps 200 --compare-losses
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ from muse.model import ModelConfig, build_model, count_params, flops_per_token  
 from muse.train.optim import OptimConfig, build_optimizer  # noqa: E402
 
 
-def run_one(arch: str, optim: str, args, device, info, fsdp: bool = False) -> dict:
+def run_one(arch: str, optim: str, args, device, info, fsdp: bool = False, loss_chunk: int = 1024) -> dict:
     torch.manual_seed(0)
     over = {"d_model": args.d_model} if args.d_model else {}
     cfg = ModelConfig.from_depth(args.depth, args.vocab_size, arch=arch, max_seq_len=args.seq_len, **over)
     model = build_model(cfg, device=device)
+    model.loss_chunk = loss_chunk
     if fsdp:  # the multi-process training path on one process: FSDP2 + per-block compile
         from muse.distributed.mesh import single_rank_mesh
         from muse.distributed.parallelize import ParallelConfig, parallelize
@@ -66,14 +74,14 @@ def run_one(arch: str, optim: str, args, device, info, fsdp: bool = False) -> di
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for i in range(args.warmup):
-        step(i)
+    losses = [step(i).detach() for i in range(args.warmup)]
     synchronize(device)
     t0 = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(i)
+    for i in range(args.warmup, args.warmup + args.steps):
+        losses.append(step(i).detach())  # kept on the device: no sync inside the timed steps
     synchronize(device)
     dt = time.perf_counter() - t0
+    loss = losses[-1]
     tps = args.steps * args.batch_size * args.seq_len / dt
     fpt = flops_per_token(cfg, args.seq_len)
     row = {
@@ -81,7 +89,8 @@ def run_one(arch: str, optim: str, args, device, info, fsdp: bool = False) -> di
         "params": count_params(cfg), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "compile": args.compile or fsdp, "tokens_per_s": round(tps, 1),
         "achieved_tflops": round(tps * fpt / 1e12, 2), "mfu": round(tps * fpt / info.peak_flops, 4) if info.peak_flops else None,
-        "loss": float(loss.detach()), "device": info.name,
+        "loss": float(loss), "device": info.name, "loss_chunk": loss_chunk,
+        "losses": [round(float(x), 5) for x in losses],
     }
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -102,6 +111,10 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile each block of the plain model")
     p.add_argument("--fsdp", action="store_true", help="also run FSDP2 (world size 1) + per-block compile")
     p.add_argument("--device", default="auto")
+    p.add_argument("--loss-chunk", type=int, action="append", default=None,
+                   help="rows per chunk of the chunked cross-entropy, 0 = plain (repeatable: one row each)")
+    p.add_argument("--compare-losses", action="store_true",
+                   help="print the largest per-step loss difference of each row against the first")
     p.add_argument("--json-out")
     args = p.parse_args()
     device = pick_device(args.device)
@@ -111,15 +124,24 @@ def main():
     rows = []
     for c in args.config or ["llama+muon", "gpt2+adamw"]:
         for fsdp in (False, True) if args.fsdp else (False,):
-            rows.append(run_one(*c.split("+"), args, device, info, fsdp=fsdp))
-            print(json.dumps(rows[-1]), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    print(f"| config | mode | params | tokens/s | TFLOP/s | MFU | peak mem GiB |  ({info.name}, seq {args.seq_len}, batch {args.batch_size})")
-    print("|---|---|---|---|---|---|---|")
+            for chunk in args.loss_chunk or [1024]:
+                rows.append(run_one(*c.split("+"), args, device, info, fsdp=fsdp, loss_chunk=chunk))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"| config | mode | loss chunk | params | tokens/s | TFLOP/s | MFU | peak mem GiB |  ({info.name}, seq {args.seq_len}, batch {args.batch_size})")
+    print("|---|---|---:|---|---|---|---|---|")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"| {r['config']} | {r['mode']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {r['achieved_tflops']} | {mfu} | {r.get('peak_mem_gib', '-')} |")
+        print(f"| {r['config']} | {r['mode']} | {r['loss_chunk']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} "
+              f"| {r['achieved_tflops']} | {mfu} | {r.get('peak_mem_gib', '-')} |")
+    if args.compare_losses:
+        ref = rows[0]
+        for r in rows[1:]:
+            diff = max(abs(a - b) for a, b in zip(ref["losses"], r["losses"]))
+            print(f"loss curves, {r['config']} {r['mode']} loss chunk {r['loss_chunk']} vs loss chunk {ref['loss_chunk']}: "
+                  f"largest per-step difference {diff:.4f} over {len(r['losses'])} steps "
+                  f"(final {ref['losses'][-1]:.4f} vs {r['losses'][-1]:.4f})")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
     if args.fsdp:

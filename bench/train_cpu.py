@@ -24,7 +24,9 @@ hits every row alike.
 
 `--unfused` inside a variant's `--muse-args` (interleaved mode only; it is the bench's flag, not Muse's)
 runs that row with q/k/v and gate/up as separate matmuls (muse.model.layers.project's fusion switched off
-during its steps), so fused vs unfused projections compare in one process (Muse fuses under autocast):
+during its steps), so fused vs unfused projections compare in one process (Muse fuses under autocast);
+`--fused` forces the fusion on (in fp32 too). The chunked cross-entropy is Muse's `--set loss_chunk=N`
+(0 = the plain loss over the whole logits tensor):
   python bench/train_cpu.py --data runs/sp --interleaved --threads 2 "--muse-args=--dtype bfloat16" \
       "--muse-args=--dtype bfloat16 --unfused"
 """
@@ -147,17 +149,21 @@ def _trainer_stepper(trainer):
     return one
 
 
-def _unfused(step):
-    """`step` with q/k/v and gate/up as separate matmuls (muse.model.layers.project's reference path)."""
+BENCH_FLAGS = ("--unfused", "--fused")  # this script's own flags inside --muse-args (interleaved mode only)
+
+
+def _with_fusion(step, fuse: bool):
+    """`step` with q/k/v and gate/up always as one matmul each (`--fused`, also in fp32) or always as
+    separate matmuls (`--unfused`, muse.model.layers.project's reference path)."""
     from muse.model import layers
 
     def one():
-        fuse = layers._fuse_projections
-        layers._fuse_projections = lambda x, linears: False
+        decide = layers._fuse_projections
+        layers._fuse_projections = lambda x, linears: fuse and torch.is_grad_enabled()
         try:
             step()
         finally:
-            layers._fuse_projections = fuse
+            layers._fuse_projections = decide
 
     return one
 
@@ -186,13 +192,16 @@ def interleaved(args, variants: list[str], vocab: int, d: int, h: int) -> None:
         words = shlex.split(v)
         flags = parser.parse_args([str(run), "--depth", str(args.depth), "--seq-len", str(args.seq_len),
                                    "--batch-size", str(args.batch_size), "--max-steps", str(args.warmup + args.steps),
-                                   "--device", "cpu", *[w for w in words if w != "--unfused"]])
+                                   "--device", "cpu", *[w for w in words if w not in BENCH_FLAGS]])
         trainer = pretraining_loop(train_cli.load_train_config(flags), run)
         # what TrainLoop.train() does before its loop, without checkpoints, metrics or evaluation
         trainer._prepare()
         trainer.model.train()
         step = _trainer_stepper(trainer)
-        steppers[f"muse train {v}"] = _unfused(step) if "--unfused" in words else step
+        for flag in BENCH_FLAGS:
+            if flag in words:
+                step = _with_fusion(step, fuse=flag == "--fused")
+        steppers[f"muse train {v}"] = step
     times: dict[str, list[float]] = {k: [] for k in steppers}
     for i in range(args.warmup + args.steps):
         for name, step in steppers.items():
@@ -230,8 +239,8 @@ def main():
                    help='extra flags for muse train, one Muse row each (repeatable), e.g. --muse-args=--compile')
     args = p.parse_args()
     variants = args.muse_args or [""]
-    if not args.interleaved and any("--unfused" in shlex.split(v) for v in variants):
-        p.error("--unfused rows need --interleaved (they swap a function inside this process)")
+    if not args.interleaved and any(f in shlex.split(v) for v in variants for f in BENCH_FLAGS):
+        p.error("--unfused / --fused rows need --interleaved (they swap a function inside this process)")
     if args.steps % args.warmup:
         p.error("--steps must be a multiple of --warmup (Muse logs one window every --warmup steps)")
     sys.path.insert(0, str(ROOT / "src"))

@@ -1,4 +1,4 @@
-"""bench/train_cpu.py --interleaved: fused and `--unfused` rows run side by side in one process and report."""
+"""bench/train_cpu.py --interleaved: fused, `--unfused`, `--fused` and chunked-loss rows run side by side in one process."""
 
 from __future__ import annotations
 
@@ -7,21 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[1] / "bench" / "train_cpu.py"
 
 
 def test_interleaved_report_with_an_unfused_row(tiny_run):
     cmd = [sys.executable, str(BENCH), "--data", str(tiny_run), "--depth", "1", "--seq-len", "32", "--batch-size", "2",
            "--interleaved", "--steps", "1", "--warmup", "1", "--muse-args=--dtype bfloat16",
-           "--muse-args=--dtype bfloat16 --unfused"]
+           "--muse-args=--dtype bfloat16 --unfused", "--muse-args=--dtype float32 --fused --set loss_chunk=0"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MUSE_NO_PROGRESS="1"), timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == [
-        "| plain PyTorch GPT-2 loop (baseline)", "| muse train --dtype bfloat16", "| muse train --dtype bfloat16 --unfused"]
+        "| plain PyTorch GPT-2 loop (baseline)", "| muse train --dtype bfloat16", "| muse train --dtype bfloat16 --unfused",
+        "| muse train --dtype float32 --fused --set loss_chunk=0"]
 
 
-def test_unfused_rows_need_interleaved(tiny_run):
-    cmd = [sys.executable, str(BENCH), "--data", str(tiny_run), "--muse-args=--unfused"]
+@pytest.mark.parametrize("flag", ["--unfused", "--fused"])
+def test_fusion_rows_need_interleaved(tiny_run, flag):
+    cmd = [sys.executable, str(BENCH), "--data", str(tiny_run), f"--muse-args={flag}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "--unfused rows need --interleaved" in res.stderr
+    assert res.returncode == 2 and "--fused rows need --interleaved" in res.stderr

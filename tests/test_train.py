@@ -164,6 +164,22 @@ def test_unknown_config_key_names_closest(tiny_run, capsys):
     _one_line_error(capsys, code, "seq_len")
 
 
+def test_loss_chunk_is_set_on_the_model_and_checked(tiny_run, capsys, monkeypatch):
+    """`loss_chunk` reaches the model (the chunked cross-entropy; 0 = the plain loss); a negative one is
+    a one-line error."""
+    from muse.train import loop as loop_mod
+
+    seen = []
+    step = loop_mod.TrainLoop._train_step
+    monkeypatch.setattr(loop_mod.TrainLoop, "_train_step", lambda self, i: seen.append(self.plain.loss_chunk) or step(self, i))
+    for chunk in ("0", "48"):
+        assert main(["train", str(tiny_run), *TINY, "--max-steps", "1", "--force", "--set", f"loss_chunk={chunk}"]) == 0
+    assert seen == [0, 48]
+    capsys.readouterr()
+    code = main(["train", str(tiny_run), *TINY, "--max-steps", "1", "--force", "--set", "loss_chunk=-1"])
+    _one_line_error(capsys, code, "loss_chunk")
+
+
 def test_run_dir_without_data(tmp_path, capsys):
     code = main(["train", str(tmp_path / "nothing"), *TINY])
     _one_line_error(capsys, code, "muse prepare")

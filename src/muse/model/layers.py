@@ -16,6 +16,10 @@ Fused projections: in training under autocast, q/k/v run as one matmul, and so d
 (w1/w3), by concatenating the weights in the forward (`project`; where it runs fused is measured there). The parameters stay separate nn.Linear modules because
 Muon orthogonalises each matrix on its own and the checkpoint / Hugging Face names are per matrix; the
 optimizer's update, the state_dict and the golden loss curve are unchanged.
+
+The loss over the vocabulary (`chunked_cross_entropy`, at the end): the head's matmul and the
+cross-entropy in chunks of rows with their gradients computed in the forward, so no (tokens, vocab) logits
+tensor is ever whole (issue #20 part 4); the model uses it when `Transformer.loss_chunk` > 0.
 """
 
 from __future__ import annotations
@@ -37,9 +41,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # F.rms_norm (torch >= 2.4) is one call that a backend may fuse (inductor under --compile; a fused
+        # kernel where torch ships one). In fp32 on CPU (torch 2.13) it runs the same ops as the hand-written
+        # `rms_norm_reference` below and gives bit-identical outputs and gradients (tests/test_model.py).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm written out (the slow reference the tests hold `RMSNorm` to)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.type_as(x) * weight
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -237,3 +251,71 @@ class GeluMLP(nn.Module):
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:
     return GeluMLP(cfg.d_model, cfg.d_ff) if cfg.arch == "gpt2" else SwiGLU(cfg.d_model, cfg.d_ff)
+
+
+# ---- the loss over the vocabulary ----------------------------------------------------------------
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(h @ weight.T, targets), ignoring targets of -1, without ever holding
+    the (N, V) logits: rows go through in chunks, and each chunk's gradients (softmax - one-hot, times
+    weight for h, times h for weight) are computed right there, in the forward, while its logits are
+    in cache. Backward only scales them by the incoming scalar. Same matmul FLOPs as the plain loss (no
+    recomputation); memory: one (chunk, V) fp32 block instead of several (N, V) ones (logits, log-softmax,
+    their gradient), plus the (N, C) and (V, C) gradients autograd would hold anyway."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows: int, compute_dtype: torch.dtype, grad_enabled: bool):
+        # needs_input_grad is True under no_grad too (evaluation): the caller says whether autograd records
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        N = h.size(0)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen here, explicitly
+            w = weight.to(compute_dtype)
+            for s in range(0, N, chunk_rows):
+                hc = h[s:s + chunk_rows].to(compute_dtype)  # (n, C)
+                t = targets[s:s + chunk_rows]  # (n,)
+                logits = (hc @ w.T).float()  # (n, V) float32, as the plain loss
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                keep = t != -1
+                safe = t.clamp_min(0)
+                target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+                loss += torch.where(keep, lse - target_logit, 0.0).sum()
+                if want_h or want_w:
+                    # d(sum of losses)/d logits = softmax - one_hot(target); zero for ignored rows
+                    g = logits.sub_(lse[:, None]).exp_()
+                    g[torch.arange(g.size(0), device=g.device), safe] -= 1.0
+                    g.mul_(keep[:, None])
+                    g = g.to(compute_dtype)
+                    if want_h:
+                        grad_h[s:s + chunk_rows] = g @ w
+                    if want_w:
+                        grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                          reduction: str = "sum") -> torch.Tensor:
+    """cross_entropy(h @ weight.T, targets, ignore_index=-1, reduction) for h (N, C), weight (V, C),
+    targets (N,), computed `chunk_rows` rows at a time (see _ChunkedLinearCrossEntropy); "sum" or "mean".
+    The matmuls run in the autocast dtype when autocast is on (as the plain head's F.linear would), the
+    softmax and the loss in float32. Equal to the plain loss and its gradients at 1e-5 in fp32 (tests)."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"chunked_cross_entropy reduces by 'sum' or 'mean', got {reduction!r}")
+    device = h.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    loss = _ChunkedLinearCrossEntropy.apply(h, weight, targets, int(chunk_rows), compute, torch.is_grad_enabled())
+    if reduction == "mean":  # all targets ignored -> 0 / 0 = NaN, as F.cross_entropy
+        loss = loss / (targets != -1).sum()
+    return loss

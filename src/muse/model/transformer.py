@@ -5,7 +5,9 @@
 idx (B, T) int64 token ids. Without targets it returns logits (B, T, V) in float32; with targets
 (B, T) int64 it returns the cross-entropy loss, ignoring positions whose target is -1 (prompt tokens
 in SFT, padding): a float32 scalar for reduction "mean" / "sum", per-token (B, T) for "none" (zeros at
-ignored positions). With a kv_cache (kv_cache.py) the T tokens continue the cached sequence.
+ignored positions). With a kv_cache (kv_cache.py) the T tokens continue the cached sequence. With
+`model.loss_chunk` > 0 (the training loop sets it) a "mean" / "sum" loss never builds the (B*T, V) logits:
+layers.chunked_cross_entropy computes it chunk by chunk, equal to the plain loss to 1e-5.
 
 Ragged batches (the inference engine's paged cache, muse.infer.paged_cache) use three OPTIONAL cache
 members on top of that protocol; a cache without them (KVCache) changes nothing:
@@ -36,7 +38,15 @@ from torch import nn
 
 from muse.common.errors import UsageError
 from muse.model.config import ModelConfig
-from muse.model.layers import Attention, RMSNorm, RotaryEmbedding, make_mlp, make_norm
+from muse.model.layers import (
+    Attention,
+    RMSNorm,
+    RotaryEmbedding,
+    _is_plain,
+    chunked_cross_entropy,
+    make_mlp,
+    make_norm,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -83,6 +93,10 @@ class Transformer(nn.Module):
         # A tied head is not a second module holding the same Parameter: to_empty() on a meta model
         # would untie it silently. The head simply reads tok_embeddings.weight.
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Rows per chunk of the chunked cross-entropy when targets are given (0: the plain loss over the
+        # whole logits tensor). A runtime choice, not part of the shape: the training loop sets it from
+        # its config (`loss_chunk`), so checkpoints and config.json do not carry it.
+        self.loss_chunk = 0
 
     def output_weight(self) -> torch.Tensor:
         """The (V, C) matrix that turns the final hidden state into logits."""
@@ -147,12 +161,18 @@ class Transformer(nn.Module):
             if logits_indices is not None:
                 h = h[:, logits_indices]  # (B, L, C)
         h = self.norm(h)
+        if targets is not None and reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        weight = self.output_weight()
+        if (targets is not None and self.loss_chunk and reduction != "none"
+                and _is_plain(weight) and _is_plain(h)):
+            # The loss without the (B*T, V) logits tensor (layers.chunked_cross_entropy); same value.
+            return chunked_cross_entropy(h.reshape(B * T, -1), weight, targets.reshape(B * T), self.loss_chunk,
+                                         reduction)
         # float32 logits: under bf16 autocast the matmul runs in bf16, the softmax / loss must not.
-        logits = F.linear(h, self.output_weight()).float()  # (B, T, V)
+        logits = F.linear(h, weight).float()  # (B, T, V)
         if targets is None:
             return logits
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         # Footgun: "mean" over a batch whose targets are all -1 is NaN (0 / 0). Callers that mask
         # (SFT) should sum and divide by their own token count across micro-batches and ranks.
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,

@@ -23,6 +23,11 @@ those files. Two more arms, not in the default: `headroom` (greedy pass@1 of the
 the pass rate and pass@k of k samples at --temperature, on --headroom-limit test items: what sampling
 finds that greedy misses, which is what GRPO can learn from) and `eval` (`muse eval` on every checkpoint).
 
+Prompts SFT has not seen: with --train-skip N, GRPO and control B take their prompts from the task's train
+split from item N on, for an SFT checkpoint trained on items [0, N) only (--sft-mixture names its mixture,
+and control A continues on it). RL on the prompts SFT learned the answers of sharpens what is memorised;
+on new prompts the verifier is new information (BENCHMARKS.md 10).
+
 The schedule: every arm trains with the same lr shape (--schedule, default wsd with --decay-frac 0.5 of
 the arm decaying to 0; BENCHMARKS.md 9: the decay is where SFT learns its facts). By default the shape is
 fitted to the arm's wall time (`train_sized`: before each step the schedule's horizon becomes the steps
@@ -150,7 +155,8 @@ def run_grpo(args, out: Path) -> dict:
     run = setup_run(out, "grpo_run", Path(args.data))
     flags = {**common_flags(args.minutes), "tasks": (args.task,), "init_from": str(args.sft),
              "eval_prompts": 0, "max_steps": args.grpo_steps or 100_000, "group_size": args.group_size,
-             "prompts_per_step": args.prompts_per_step, "temperature": args.temperature, "seed": args.seed}
+             "prompts_per_step": args.prompts_per_step, "temperature": args.temperature, "seed": args.seed,
+             "train_skip": args.train_skip}
     sets = lr_sets(dict(matrix_lr=args.grpo_matrix_lr, embedding_lr=args.grpo_matrix_lr * 10,
                         head_lr=args.grpo_matrix_lr / 5, scalar_lr=args.grpo_matrix_lr * 2), args) + args.grpo_set
     cfg = load_grpo_config(None, flags, sets)
@@ -170,6 +176,7 @@ def run_grpo(args, out: Path) -> dict:
                          "temperature": cfg.temperature, "optim": _lrs(cfg), "schedule": _schedule(cfg, args.grpo_steps),
                          "updates_per_batch": cfg.updates_per_batch, "kl_coef": cfg.kl_coef,
                          "scale_rewards": cfg.scale_rewards, "drop_equal_groups": cfg.drop_equal_groups,
+                         "train_skip": cfg.train_skip,
                          "max_new_tokens": res_max_new(cfg, args)}}
     return {**info, "ckpt": [str(run), "grpo"]}
 
@@ -212,9 +219,14 @@ def run_sft(args, run: Path, minutes: float, mixture: Path, steps: int) -> dict:
 
 def run_control_sft(args, out: Path) -> dict:
     run = setup_run(out, "sft_run", Path(args.data))
-    mixture = run / "mixture.toml"
-    mixture.write_text(f'[[source]]\ntask = "{args.task}"\n')
-    return run_sft(args, run, args.minutes, mixture, args.sft_steps)
+    if args.sft_mixture:  # the SFT checkpoint's own data: continued, not new
+        mixture = Path(args.sft_mixture).resolve()
+    else:
+        mixture = run / "mixture.toml"
+        mixture.write_text(f'[[source]]\ntask = "{args.task}"\n')
+    info = run_sft(args, run, args.minutes, mixture, args.sft_steps)
+    info["settings"]["mixture"] = str(mixture)
+    return info
 
 
 def task_rollouts(model, task, prompts: int, k: int):
@@ -266,7 +278,9 @@ def run_rs(args, out: Path) -> dict:
     sample_budget = args.minutes * 60 * args.rs_sample_share
     task = tasks_lib.get(args.task)
     model, tok, _ = load(args.sft)
-    train = list(task.samples("train"))
+    train = list(task.samples("train"))[args.train_skip:]  # GRPO's prompts
+    if not train:
+        raise DataError(f"--train-skip {args.train_skip} leaves no train prompt of {args.task} to sample; lower it")
     random.Random(args.seed).shuffle(train)
     chunk = args.prompts_per_step
     rollouts, room = task_rollouts(model, task, chunk, args.rs_group)
@@ -418,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rs-sample-share", type=float, default=0.3, help="share of the budget spent sampling (control B)")
     p.add_argument("--rs-dedupe", action=argparse.BooleanOptionalAction, default=False,
                    help="keep identical correct replies of a prompt once")
+    p.add_argument("--train-skip", type=int, default=0,
+                   help="GRPO and control B take their prompts from the task's train split from this item on "
+                        "(the items before it: the SFT checkpoint's data)")
+    p.add_argument("--sft-mixture", default="",
+                   help="control A continues on this mixture TOML (the SFT checkpoint's own); default: the task's train split")
     p.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE", help="extra GRPO config")
     p.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="extra SFT config (A and B)")
     p.add_argument("--schedule", choices=("wsd", "cosine", "constant"), default="wsd",

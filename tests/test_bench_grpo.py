@@ -114,6 +114,8 @@ def test_rejection_sampling_with_no_right_reply_is_a_one_line_error(sft_ckpt, tm
 @pytest.mark.parametrize("argv, needle", [
     (["--arms", "grpo,magic"], "--arms: unknown arm 'magic'"),
     (["--arms", "grpo", "--grpo-set", "group_size=1"], "group_size must be at least 2"),
+    (["--arms", "grpo", "--train-skip", "5000"], "train_skip 5000 leaves no train prompt of arithmetic_1digit"),
+    (["--arms", "rs", "--train-skip", "5000"], "--train-skip 5000 leaves no train prompt of arithmetic_1digit"),
 ])
 def test_bad_options_are_one_line_errors(sft_ckpt, tmp_path, capsys, argv, needle):
     code = _bench().main(_argv(sft_ckpt, tmp_path / "out", *argv))
@@ -133,3 +135,24 @@ def test_an_arm_fitted_to_its_minutes_decays_its_lr_on_the_real_loop(sft_ckpt, t
     lrs = [row["lr"] for row in read_metrics(out / "sft_run" / "sft" / "metrics.jsonl") if "lr" in row]
     assert lrs[0] == pytest.approx(0.002) and lrs[-1] < 0.75 * lrs[0]  # decayed within the 3 s budget
     assert all(a >= b - 1e-12 for a, b in zip(lrs, lrs[1:]))
+
+
+def test_control_a_continues_on_the_sft_mixture_when_given(sft_ckpt, tmp_path, capsys, monkeypatch):
+    """--sft-mixture: control A trains on that mixture (the SFT checkpoint's own data), not the task's split."""
+    monkeypatch.setenv("MUSE_NO_PROGRESS", "1")
+    chats = tmp_path / "own.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                                                      {"role": "assistant", "content": f"{i + 1}"}]}) + "\n"
+                             for i in range(30)))
+    mixture = tmp_path / "own.toml"
+    mixture.write_text(f'[[source]]\nfile = "{chats}"\nname = "own"\n')
+    out = tmp_path / "out"
+    code = _bench().main(_argv(sft_ckpt, out, "--arms", "sft", "--sft-steps", "2", "--batch-tokens", "512",
+                               "--sft-mixture", str(mixture), "--sft-set", "eval_every=2"))
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((out / "sft.json").read_text())
+    assert r["steps"] == 2 and r["settings"]["mixture"] == str(mixture.resolve())
+    from muse.train.metrics import read_metrics
+
+    rows = read_metrics(out / "sft_run" / "sft" / "metrics.jsonl")
+    assert any("val_loss_own" in row for row in rows) and not any("val_loss_arithmetic_1digit" in row for row in rows)

@@ -447,3 +447,25 @@ def test_drop_equal_groups_trains_on_informative_groups_only(toy, answers):
         assert advs == [0.0]
     if answers != ["fair"]:
         assert all(r["informative_groups"] == 0.0 for r in rows) and not informative
+
+
+# --- prompts SFT has not seen -----------------------------------------------------------------------
+
+
+def test_train_skip_leaves_the_first_train_samples_out(toy):
+    """train_skip=N: the prompts are the task's train samples from the N-th on (the validation prompts are
+    unchanged); a skip that leaves nothing is one DataError that says to lower it."""
+    from muse.common.errors import DataError
+    from muse.posttrain.grpo import GRPO
+
+    run, task = toy
+    path = task(["fair"], 1, n_train=10)
+    flags = {"tasks": (str(path),), "device": "cpu", "eval_prompts": 8}
+    train = tasks_lib.get(str(path)).samples("train")
+    whole = GRPO(load_grpo_config(None, flags), run)
+    part = GRPO(load_grpo_config(None, flags, ["train_skip=7"]), run)
+    assert [p.sample.prompt for p in whole.train_prompts] == [s.prompt for s in train]
+    assert [p.sample.prompt for p in part.train_prompts] == [s.prompt for s in train[7:]]
+    assert [p.sample.prompt for p in part.val_prompts] == [p.sample.prompt for p in whole.val_prompts]
+    with pytest.raises(DataError, match="train_skip 10 leaves no train prompt of toy; lower it"):
+        GRPO(load_grpo_config(None, flags, ["train_skip=10"]), run)

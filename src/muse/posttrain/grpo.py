@@ -5,7 +5,8 @@
 
 A step, on each data-parallel rank (DeepSeekMath's GRPO, with the token-level loss of DAPO / Dr. GRPO):
 1. Rollouts. `prompts_per_step` prompts are taken from the tasks' train splits (pooled, shuffled per epoch
-   with `seed`), asked zero-shot as chats exactly as muse.posttrain.taskscore and `muse eval` ask them
+   with `seed`; each task's first `train_skip` samples left out, for an SFT stage trained on those), asked
+   zero-shot as chats exactly as muse.posttrain.taskscore and `muse eval` ask them
    (muse.tasks.build_messages, then render_prompt), and each gets a group of `group_size` samples from the
    paged engine running on the live policy weights (muse.posttrain.rollout), until <|end|> or
    `max_new_tokens`. Each rank rolls out its own contiguous share of the step's prompts. Group i of step s
@@ -124,6 +125,7 @@ class GRPOConfig(LoopConfig):
     updates_per_batch: int = 1  # optimizer steps per rollout batch
     kl_coef: float = 0.0  # weight of the k3 KL to the init_from reference (0: no reference at all)
     drop_equal_groups: bool = False  # leave groups whose rewards are all equal out of the update (below)
+    train_skip: int = 0  # leave each task's first N train samples out of the prompts (the ones SFT learned from)
     max_steps: int = 100
     eval_every: int = 20
     eval_prompts: int = 64  # validation prompts per evaluation, over all tasks
@@ -141,7 +143,8 @@ def load_grpo_config(config_file: str | Path | None = None, flags: dict | None =
     for name in ("prompts_per_step", "max_steps", "updates_per_batch", "eval_samples", "log_every", "keep_last"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("micro_batches", "max_new_tokens", "eval_prompts", "max_sequences", "kl_coef", "clip_eps"):
+    for name in ("micro_batches", "max_new_tokens", "eval_prompts", "max_sequences", "kl_coef", "clip_eps",
+                 "train_skip"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
@@ -262,6 +265,8 @@ class GRPO(Objective):
                               f"context ({context}); lower --max-new-tokens")
         room = context - self.max_new_tokens
         self.train_prompts = self._prompts("train", room)
+        if not self.train_prompts and cfg.train_skip:
+            raise DataError(f"train_skip {cfg.train_skip} leaves no train prompt of {', '.join(self.tasks)}; lower it")
         if not self.train_prompts:
             raise DataError(f"every train prompt of {', '.join(self.tasks)} is longer than {room} tokens (the context "
                             f"{context} minus max_new_tokens {self.max_new_tokens}); lower --max-new-tokens")
@@ -297,7 +302,8 @@ class GRPO(Objective):
         for task in self.tasks.values():
             if split not in task.splits:
                 continue
-            for sample in task.samples(split):
+            samples = task.samples(split)
+            for sample in samples[self.cfg.train_skip:] if split == "train" else samples:
                 p = self._prompt(task, sample)
                 if len(p.ids) > room:
                     dropped += 1

@@ -190,3 +190,31 @@ def test_a_diverged_run_is_excluded_and_named(prepared, tmp_path):
     rows = collect(run, specs, 320)
     assert rows[0]["status"] == "diverged" and "loss became nan" in rows[0]["reason"]
     assert all(r["status"] == "missing" for r in rows[1:])
+
+
+def test_verify_prediction_is_on_disk_before_the_verify_run_trains(reference, tmp_path, muse, monkeypatch):
+    # Only the verify run trains here (the ladder's runs are kept), and the fault hook kills it before its
+    # first step: ladder.json must already hold the prediction with its interval, and no verdict.
+    run = tmp_path / "verify"
+    shutil.copytree(reference[0], run, symlinks=True)
+    monkeypatch.setenv("MUSE_FAULT_AT_STEP", "1")
+    # --predict 9e9 (1.5x the largest budget, not the default 4x): a verify run of ~150 steps, not ~400
+    code, out, err = muse("ladder", str(run), *ARGS, "--predict", "9e9", "--verify")
+    assert code == 1 and "1 ladder run(s) failed" in err and "verify-9e9-d" in err
+    assert "before training it" in err
+    before = json.loads((run / "ladder" / "ladder.json").read_text())
+    pred = before["prediction"]
+    assert "verify" not in before and not any(r["verify"] for r in before["runs"])
+    assert pred["budget"] == 9e9 and pred["name"].startswith("verify-9e9-d") and pred["recorded_at"]
+    lo, hi = pred["interval"]
+    assert lo <= pred["loss"] <= hi
+    monkeypatch.delenv("MUSE_FAULT_AT_STEP")
+    code, out, err = muse("ladder", str(run), *ARGS, "--predict", "9e9", "--verify")
+    assert code == 0, err
+    after = json.loads((run / "ladder" / "ladder.json").read_text())
+    assert after["prediction"] == pred  # the prediction the verify run is checked against, first recorded_at kept
+    assert after["verify"]["predicted"] == pred["loss"] and after["verify"]["checked_at"] >= pred["recorded_at"]
+    verify_row = [r for r in after["runs"] if r["verify"]]
+    assert len(verify_row) == 1 and verify_row[0]["name"] == pred["name"] and verify_row[0]["status"] == "ok"
+    assert after["verify"]["actual"] == verify_row[0]["val_loss"]
+    assert after["verify"]["inside_interval"] == (lo <= verify_row[0]["val_loss"] <= hi)

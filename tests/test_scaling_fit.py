@@ -304,3 +304,18 @@ def test_per_size_power_law_through_one_sizes_runs():
     stated, parts = IV.stated_interval(fits.forms, 1000, 1.6e5, 0.0, 0.95, rows)
     assert parts["per_size"] == [pytest.approx(9.0 * 1.6e5 ** -0.1)] * 2
     assert stated[0] <= parts["per_size"][0] <= stated[1]
+
+
+def test_a_fit_without_a_compute_optimal_split_still_predicts_the_best_allowed_depth():
+    import dataclasses
+
+    fits = analysis.fit_ladder(synthetic_rows(sizes=4), resamples=10)[1]
+    sep = fits.forms["chinchilla"]
+    # alpha < 0 (a tiny ladder's fit can land there): bigger models look worse, no optimum exists
+    fits.forms["chinchilla"] = IV.FormFit(dataclasses.replace(sep.fit, alpha=-0.05), sep.boots, sep.residuals)
+    with pytest.raises(UsageError, match="no compute-optimal split"):
+        fits.parametric.optimal_split(BUDGETS[-1] / 6)
+    c = 4 * BUDGETS[-1]
+    pred = analysis.predict(fits, c, candidates(c))
+    assert pred["continuous_optimum"] is None
+    assert pred["loss"] == pytest.approx(min(float(fits.parametric.loss(x["params"], x["tokens"])) for x in candidates(c)))

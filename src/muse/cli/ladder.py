@@ -83,6 +83,7 @@ def run(args) -> int:
     import time
 
     from muse.common.errors import UsageError
+    from muse.common.logging import get_logger
     from muse.common.paths import atomic_write_json
     from muse.scaling import analysis
     from muse.scaling.ladder import (
@@ -100,6 +101,7 @@ def run(args) -> int:
     from muse.scaling.report import write_report
 
     t0 = time.perf_counter()
+    log = get_logger("muse.scaling")
     run_dir = Path(args.run_dir)
     for name in ("per_budget", "seq_len", "batch_size", "min_steps", "eval_batches", "resamples"):
         if getattr(args, name) < 1:
@@ -142,14 +144,22 @@ def run(args) -> int:
     verify_spec = None
     if target is not None:
         ladder["prediction"] = pred = analysis.predict(fits, target, _candidates(cfg, data, target, make_spec, MAX_DEPTH))
+        pred["recorded_at"] = _first_recorded(run_dir / "ladder" / "ladder.json", pred) or _now()
         if args.verify:
+            # The prediction and its interval are on disk (and in the log) before the verify run trains a
+            # step: a verify run is a test of a prediction made without it, and the file shows so.
+            atomic_write_json(run_dir / "ladder" / "ladder.json", ladder)
+            lo, hi = pred["interval"]
+            log.info("ladder: predicted %s before training it: val loss %.4f (95%% %.4f-%.4f), recorded in %s",
+                     pred["name"], pred["loss"], lo, hi, run_dir / "ladder" / "ladder.json")
             verify_spec = make_spec(cfg, data, pred["depth"], target, verify=True)
             execute(run_dir, cfg, [verify_spec], jobs=1, threads=args.threads, force=args.force)
             row = collect(run_dir, [verify_spec], data.vocab_size)[0]
             ladder["runs"].append(row)
             if row["status"] != "ok":
                 raise UsageError(f"the verify run {verify_spec.name} did not finish: {row['status']}: {row.get('reason')}")
-            ladder["verify"] = analysis.verdict(pred, row["val_loss"])
+            ladder["verify"] = {**analysis.verdict(pred, row["val_loss"]),
+                                "checked_at": _now()}
     atomic_write_json(run_dir / "ladder" / "ladder.json", ladder)
     wall = train_seconds(run_dir, specs + ([verify_spec] if verify_spec else []))
     report = write_report(run_dir / "ladder", ladder, fits, wall=wall)
@@ -158,6 +168,22 @@ def run(args) -> int:
         return 0
     _summary(ladder, done, report, time.perf_counter() - t0, format_flops)
     return 0
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _first_recorded(path: Path, pred: dict) -> str | None:
+    """When `path` already holds this same prediction (a resumed verify run), the time it was first recorded."""
+    try:
+        old = json.loads(path.read_text()).get("prediction") or {}
+    except (OSError, ValueError):
+        return None
+    same = {k: v for k, v in old.items() if k != "recorded_at"} == json.loads(json.dumps(pred))
+    return old.get("recorded_at") if same else None
 
 
 def _candidates(cfg, data, budget, make_spec, max_depth) -> list[dict]:

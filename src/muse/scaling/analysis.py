@@ -201,7 +201,11 @@ def predict(fits: Fits, budget: float, candidates: list[dict]) -> dict:
     pred = lambda c: float(par.loss(c["params"], c["tokens"]))  # noqa: E731
     best = min(usable, key=pred)
     best_any = min(candidates, key=pred)
-    n_star, d_star = par.optimal_split(budget / 6.0)
+    try:  # a fit with alpha or beta <= 0 has no compute-optimal split; the best allowed depth still stands
+        n_star, d_star = par.optimal_split(budget / 6.0)
+        optimum = {"params": n_star, "tokens": d_star}
+    except UsageError:
+        optimum = None
     band = IV.band(fits.folds, budget, fits.c_max)
     stated, parts = IV.stated_interval(fits.forms, best["params"], best["tokens"], band, LEVEL, fits.rows)
     mean_lo, mean_hi = F.interval([float(b.loss(best["params"], best["tokens"])) for b in fits.boots], LEVEL)
@@ -212,7 +216,7 @@ def predict(fits: Fits, budget: float, candidates: list[dict]) -> dict:
         "fit_interval": [mean_lo, mean_hi],
         "coupled_loss": fits.forms["coupled"].point(best["params"], best["tokens"]) if "coupled" in fits.forms else None,
         "per_size_loss": parts["per_size"][0] if "per_size" in parts else None,
-        "continuous_optimum": {"params": n_star, "tokens": d_star},
+        "continuous_optimum": optimum,  # None where the fit has none (alpha or beta <= 0)
         "isoflop_n_opt": float(fits.n_opt(budget)) if fits.n_opt else None,
         "isoflop_d_opt": float(fits.d_opt(budget)) if fits.d_opt else None,
         "note": "",

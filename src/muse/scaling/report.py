@@ -267,8 +267,9 @@ def write_report(ladder_dir: Path, ladder: dict, fits: Fits, *, wall: dict | Non
                   f"D = {pred['tokens']:,} tokens, {pred['steps']} steps), predicted val loss **{pred['loss']:.4f}**, "
                   f"95% interval **{_fmt_iv(pred['interval'])}** (the mean curve alone: {_fmt_iv(pred['fit_interval'])}).",
                   "", *_interval_lines(pred), "",
-                  f"Continuous optimum of the fit: N = {pred['continuous_optimum']['params']:,.0f}, "
-                  f"D = {pred['continuous_optimum']['tokens']:,.0f}"
+                  (f"Continuous optimum of the fit: N = {pred['continuous_optimum']['params']:,.0f}, "
+                   f"D = {pred['continuous_optimum']['tokens']:,.0f}" if pred["continuous_optimum"]
+                   else "The fit has no continuous optimum (alpha or beta <= 0): the sizes do not bracket it")
                   + (f"; IsoFLOP power law: N_opt = {pred['isoflop_n_opt']:,.0f}" if pred.get("isoflop_n_opt") else "")
                   + ".", ""]
         if pred["note"]:

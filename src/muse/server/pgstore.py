@@ -80,6 +80,7 @@ DEAD_KEPT_S = 86400.0   # a dead replica's row stays in the operator's view this
 AUTH_CACHE_S = 5.0      # a generation request's key is read from the database at most this often (module docstring)
 AUTH_CACHE_MAX = 4096   # keys cached per replica; when full, the cache starts again from empty
 _SWEEP_LOCK = 0x6D757366
+_ADMIN_LOCK = 0x6D757367  # pg_advisory_xact_lock key of the bootstrap admin key's writes
 
 _UPSERT = (f"INSERT INTO ledger ({', '.join(REC_FIELDS)}) VALUES ({', '.join(['%s'] * len(REC_FIELDS))}) "
            "ON CONFLICT (request_id) DO UPDATE SET "
@@ -244,6 +245,12 @@ class PgStore(SqlStore):
     def _rows(self, sql, params=()):
         with timed("read"), self._pool.connection() as conn:
             return conn.execute(_q(sql), list(params)).fetchall()
+
+    def _serialize_admin_writes(self, c) -> None:
+        # Replicas starting at once each upsert the bootstrap admin row. Under read committed, ON CONFLICT
+        # (admin_id) covers only its own index: the second insert could still fail on admin_keys_hash
+        # (same key, same hash) before it saw the first one's row. One writer at a time.
+        c.execute("SELECT pg_advisory_xact_lock(?)", (_ADMIN_LOCK,))
 
     @contextlib.contextmanager
     def _write_txn(self):

@@ -348,6 +348,7 @@ class SqlStore:
         both find no row and both insert, and the second start would fail on the primary key."""
         now = self._now(now)
         with self._write_txn() as c:
+            self._serialize_admin_writes(c)
             if text is None:
                 c.execute("DELETE FROM admin_keys WHERE admin_id = ?", (BOOTSTRAP_ADMIN,))
                 return
@@ -357,6 +358,10 @@ class SqlStore:
                       "ON CONFLICT (admin_id) DO UPDATE SET key_hash = excluded.key_hash, label = excluded.label, "
                       "created_at = excluded.created_at, revoked_at = NULL",
                       (BOOTSTRAP_ADMIN, hash_key(text), "the server's admin key", now))
+
+    def _serialize_admin_writes(self, c) -> None:
+        """Make this transaction the only writer of admin_keys until it ends. SQLite's write transaction
+        already is; PostgreSQL's store takes a lock (two upserts at once can each fail on the hash index)."""
 
     def is_admin(self, text: str) -> bool:
         """True if `text` is an operator credential that is not revoked (an indexed look-up by hash)."""

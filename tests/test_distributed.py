@@ -229,9 +229,12 @@ WORKER = textwrap.dedent('''
             opt.step(); opt.zero_grad()
             assert abs(float(norm) - float(ref_norm)) <= 1e-5 * float(ref_norm), (dp, tp, float(norm), float(ref_norm))
             assert float(ref_norm) > 0.05  # clipping was active
+        # fp32 in another reduction order (tensor-parallel partial sums): after 3 steps the embedding, which
+        # Adam moves by ~lr per element whatever its gradient's size, differs by up to 1.2e-6 on a Zen 3
+        # CPU (4.8e-7 with FSDP); a wrong shard or a missing reduction is off by orders of magnitude more
         for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
             assert type(p).__name__ == "DTensor", n
-            torch.testing.assert_close(full(p), q, rtol=1e-5, atol=1e-6, msg=f"{dp}x{tp} {opt_name} {n}")
+            torch.testing.assert_close(full(p), q, rtol=1e-5, atol=5e-6, msg=f"{dp}x{tp} {opt_name} {n}")
         # A single-device optimizer state, cut into this layout, holds the same moments.
         fresh = build_optimizer(model, ocfg)
         fresh.load_state_dict(shard_optimizer_state(fresh, ref_opt.state_dict()))

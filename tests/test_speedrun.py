@@ -124,6 +124,9 @@ def test_pretraining_preset_drops_to_fp32_steps_where_training_computes_in_fp32(
     assert (cfg.max_steps, cfg.eval_every, cfg.save_every) == (want["max_steps"], want["eval_every"],
                                                                want["save_every"])
     assert cfg.schedule.decay_frac == speedrun.PRESET["schedule.decay_frac"]
+    sft = speedrun.FP32_SFT_STEPS if fp32 else speedrun.SFT_PRESET["max_steps"]
+    assert speedrun.sft_steps(p.parse_args([]), cfg) == sft
+    assert speedrun.sft_steps(p.parse_args(["--sft-steps", "0"]), cfg) == 0
     # the user's steps and settings win over either preset
     assert speedrun.pretrain_config(p.parse_args(["--max-steps", "7"])).max_steps == 7
     cfg = speedrun.pretrain_config(p.parse_args(["--set", "max_steps=9", "--set", "eval_every=3"]))

@@ -35,10 +35,12 @@ EXAMPLES = """examples:
 # record log in BENCHMARKS.md section 6). Without native bf16 (fp32) it takes ~1.5x as long.
 PRESET = {"depth": 4, "seq_len": 256, "batch_size": 16, "max_steps": 480, "eval_every": 120, "save_every": 120,
           "eval_batches": 16, "log_every": 10, "schedule.decay_frac": 0.4}
-# Where training computes in fp32 (a CPU without native bf16 matmul: `--dtype auto` keeps fp32 there), 480 steps
-# take ~1.5x as long and the whole speedrun ~17 minutes on 2 cores: the preset drops to the 320 steps its
-# record was set in before bf16 autocast (BENCHMARKS.md section 6), so the speedrun stays within 15 minutes.
-FP32_PRESET = {"max_steps": 320, "eval_every": 80, "save_every": 80}
+# Where training computes in fp32 (a CPU without native bf16 matmul: `--dtype auto` keeps fp32 there), a step
+# costs ~1.5x as much: on a 2-vCPU AMD EPYC Zen 3 (AVX2) the 480-step preset took 23 minutes (loaded) and 320
+# pretraining + 150 SFT steps 17 (BENCHMARKS.md section 6). There the preset runs 240 pretraining and 100 SFT
+# steps, so the speedrun stays within 15 minutes; --max-steps, --set and --sft-steps still win.
+FP32_PRESET = {"max_steps": 240, "eval_every": 80, "save_every": 80}
+FP32_SFT_STEPS = 100
 PROMPTS = ["ROMEO:\n", "First Witch:\n", "KING HENRY V:\nOnce more unto the breach"]
 # SFT: ~150 s of the 3 minutes on 2 cores (BENCHMARKS.md, post-training); the rest is loading and scoring.
 SFT_PRESET = {"max_steps": 150, "batch_tokens": 4096, "eval_every": 75, "save_every": 75, "eval_batches": 16,
@@ -68,8 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any `muse train` setting")
     p.add_argument("--max-tokens", type=int, default=160, help="tokens per sample in the report")
-    p.add_argument("--sft-steps", type=int, default=SFT_PRESET["max_steps"],
-                   help=f"SFT steps after pretraining (default {SFT_PRESET['max_steps']}; 0 skips SFT)")
+    p.add_argument("--sft-steps", type=int,
+                   help=f"SFT steps after pretraining (default {SFT_PRESET['max_steps']}; {FP32_SFT_STEPS} where "
+                        "training computes in fp32; 0 skips SFT)")
     p.add_argument("--grpo-steps", type=int, default=GRPO_PRESET["max_steps"],
                    help=f"GRPO steps on {GRPO_PRESET['tasks'][0]} after SFT (default {GRPO_PRESET['max_steps']}; "
                         "0 skips GRPO)")
@@ -100,6 +103,7 @@ def run(args) -> int:
           f"({'up to date' if data['up_to_date'] else f'{t_prepare:.1f}s'})", file=sys.stderr)
 
     cfg = pretrain_config(args)
+    args.sft_steps = sft_steps(args, cfg)
     done = latest_good(out / "base") if (out / "base").exists() else None
     done_step = load_train_state(done)["step"] if done else 0
     if done and done_step >= cfg.max_steps and not args.force:
@@ -143,6 +147,13 @@ def pretrain_config(args):
         print(f"train: fp32 compute on this machine: the preset's {FP32_PRESET['max_steps']} steps "
               "(--max-steps overrides)", file=sys.stderr)
     return cfg
+
+
+def sft_steps(args, cfg) -> int:
+    """--sft-steps, else the preset's: FP32_SFT_STEPS where pretraining `cfg` computes in fp32."""
+    if args.sft_steps is not None:
+        return args.sft_steps
+    return FP32_SFT_STEPS if fp32_compute(cfg) else SFT_PRESET["max_steps"]
 
 
 def fp32_compute(cfg) -> bool:

@@ -339,6 +339,13 @@ class Principle:
     options: Mapping[str, Any] = field(default_factory=dict)
     _check_fn: Callable | None = field(default=None, repr=False, compare=False)
     _fix_fn: Callable | None = field(default=None, repr=False, compare=False)
+    # whether the check / fix names a `prompt` parameter: read from their signatures once, not per call
+    _check_takes_prompt: bool = field(init=False, repr=False, compare=False)
+    _fix_takes_prompt: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_check_takes_prompt", _takes_prompt(self._check_fn))
+        object.__setattr__(self, "_fix_takes_prompt", _takes_prompt(self._fix_fn))
 
     @property
     def checkable(self) -> bool:
@@ -351,7 +358,7 @@ class Principle:
     @property
     def reads_prompt(self) -> bool:
         """Judged against the question too: a check that takes `prompt`, or `unless_prompt_matches`."""
-        return self.unless_prompt_matches is not None or _takes_prompt(self._check_fn)
+        return self.unless_prompt_matches is not None or self._check_takes_prompt
 
     def run_check(self, text: str, prompt: str | None = None) -> CheckResult:
         if self.reads_prompt and prompt is None:
@@ -364,7 +371,7 @@ class Principle:
         if self.must_not_match is not None:
             m = re.search(self.must_not_match, text)
             return CheckResult(self.name, float(m is None), "no match" if m is None else f"has {m.group(0)[:30]!r}")
-        extra = {"prompt": prompt} if _takes_prompt(self._check_fn) else {}
+        extra = {"prompt": prompt} if self._check_takes_prompt else {}
         try:
             value = self._check_fn(text, **extra, **self.options)
         except Exception as e:  # a user's check: name it, not a traceback from inside it
@@ -374,7 +381,7 @@ class Principle:
 
     def run_fix(self, text: str, prompt: str | None = None) -> str:
         opts = {"pattern": self.must_not_match} if self.fix in _PATTERN_FIXES else self._fix_options()
-        if _takes_prompt(self._fix_fn):
+        if self._fix_takes_prompt:
             opts["prompt"] = prompt or ""
         out = self._fix_fn(text, **opts)
         if not isinstance(out, str):

@@ -445,6 +445,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s, c = self.scheduler.stats(), self._counts
+        host = {**self._host, **self.runner.host_seconds}
         return EngineStats(
             num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
             num_blocks=self.num_blocks, num_free_blocks=s.num_free_blocks,
@@ -456,7 +457,7 @@ class Engine:
             static_decode=self.runner.static_decode or "off",
             num_static_steps=self.runner.num_static_steps,
             cuda_graph_bytes=0 if self.runner.decode_graphs is None else self.runner.decode_graphs.graph_bytes,
-            host_seconds={k: {**self._host, **self.runner.host_seconds}[k] for k in HOST_PHASES})
+            host_seconds={k: host[k] for k in HOST_PHASES})
 
 
 class LLM:

@@ -10,6 +10,10 @@ greedy, eos ignored (every request generates exactly its own length), four ways:
   hf one      `model.generate` one prompt at a time;
 and at batch 1 (the first --batch1-prompts prompts, one request at a time):
   muse plain  muse.infer.generate (contiguous KV cache), against the engine with max_num_seqs = 1.
+--paired-replay runs only the engine instead, and every step its backend runs through the "paged-decode"
+path (muse.infer.decode_attention.DecodeStep) runs twice, through that and through the reference plan,
+on the same pool, alternating which goes first: CPU time per step and backend, by blocks read (a
+comparison that shares the machine's load between the two, unlike runs of whole benches).
 Output lengths: "uniform" (every request --uniform-len tokens) and "longtail" (most requests short,
 --longtail-short tokens drawn uniformly, one in --longtail-every long, --uniform-len tokens): the
 engine's continuous batching frees a finished request's slot at once, a static batch waits for its
@@ -165,6 +169,69 @@ def run_plain(model, prompts, lengths):
     return outs, time.perf_counter() - t0
 
 
+class PairedReplay(torch.nn.Module):
+    """The engine's model, except that a step the engine runs through DecodeStep runs twice: through a fresh
+    DecodeStep and through the reference plan, on the same pool (both write the same K/V), alternating
+    which goes first; the CPU time (thread_time) of each plan + forward is recorded with the step's
+    blocks and runs. The engine goes on with DecodeStep's logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.rows: list[tuple[int, int, float, float]] = []  # (blocks, runs, reference s, decode s)
+        self.max_diff = 0.0
+
+    def forward(self, idx, kv_cache=None):
+        from muse.infer.decode_attention import DecodeStep
+        from muse.infer.seq_attention import make_step
+
+        if not isinstance(kv_cache, DecodeStep):
+            return self.model(idx, kv_cache=kv_cache)
+        cfg, st = self.config, kv_cache
+        build = {"reference": lambda: make_step("paged-reference", st.pool, st.spans, n_rep=cfg.n_head // cfg.n_kv_head,
+                                                logits_indices=st.logits_indices),
+                 "decode": lambda: DecodeStep(st.pool, st.spans, st.logits_indices)}
+        seconds, out = {}, {}
+        for name in (("reference", "decode") if len(self.rows) % 2 else ("decode", "reference")):
+            t = time.thread_time()
+            out[name] = self.model(idx, kv_cache=build[name]())
+            seconds[name] = time.thread_time() - t
+        self.max_diff = max(self.max_diff, (out["decode"] - out["reference"]).abs().max().item())
+        self.rows.append((st.R, len(st.runs), seconds["reference"], seconds["decode"]))
+        return out["decode"]
+
+
+def paired_replay(model, args) -> tuple[str, float]:
+    """The markdown table, and the largest difference between the two backends' logits."""
+    worst = 0.0
+    lines = ["| lengths | blocks read | steps | runs | reference ms/step | paged-decode ms/step | ratio |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for dist in args.lengths:
+        prompts, lengths = workload(args, model.config.vocab_size, dist)
+        replay = PairedReplay(model)
+        run_engine(replay, prompts, lengths, len(prompts), backend=args.attention_backend)
+        buckets: dict[int, list] = {}
+        for blocks, runs, ref, dec in replay.rows:
+            b = buckets.setdefault(min(blocks // 64 * 64, 1024), [0, set(), 0.0, 0.0])
+            b[0] += 1
+            b[1].add(runs)
+            b[2] += ref
+            b[3] += dec
+        rows = sorted(buckets.items()) + [("all", [len(replay.rows), {r[1] for r in replay.rows},
+                                                   sum(r[2] for r in replay.rows), sum(r[3] for r in replay.rows)])]
+        for lo, (n, runs, ref, dec) in rows:
+            if not n:
+                continue
+            span = lo if lo == "all" else (f"{lo}+" if lo == 1024 else f"{lo}-{lo + 63}")
+            lines.append(f"| {dist} | {span} | {n} | {min(runs)}-{max(runs)} | {ref / n * 1e3:.2f} "
+                         f"| {dec / n * 1e3:.2f} | {dec / ref:.3f} |")
+        if not replay.rows:
+            lines.append(f"| {dist} | - | 0 | - | - | - | - |")
+        lines.append(f"| {dist} | max abs logit difference {replay.max_diff:.1e} | | | | | |")
+        worst = max(worst, replay.max_diff)
+    return "\n".join(lines) + "\n", worst
+
+
 def first_mismatch(reference: list[list[int]], other: list[list[int]]) -> int | None:
     """Index of the first request whose tokens differ (None: all equal)."""
     for i, (a, b) in enumerate(zip(reference, other)):
@@ -282,6 +349,8 @@ def parse_args(argv):
                    help="the engine's attention backend (muse.infer.seq_attention)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of markdown")
+    p.add_argument("--paired-replay", action="store_true",
+                   help="only the engine: its paged-decode steps also through the reference, timed in pairs")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.longtail_every < 1 or args.uniform_len < 1:
         p.error("--prompts, --uniform-len and --longtail-every must be at least 1")
@@ -303,6 +372,17 @@ def main(argv=None) -> int:
                   f"model's max_seq_len ({model.config.max_seq_len}); lower --prompt-len or --uniform-len",
                   file=sys.stderr)
             return 2
+        if args.paired_replay:
+            worst = 0.0
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                text, diff = paired_replay(model, args)
+                print(f"threads {threads}\n\n" + text)
+                worst = max(worst, diff)
+            if worst > 1e-4:
+                print(f"error: paged-decode's logits differ from the reference's by {worst:.1e}", file=sys.stderr)
+                return 1
+            return 0
         results = []
         for threads in args.threads:
             torch.set_num_threads(threads)

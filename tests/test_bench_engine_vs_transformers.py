@@ -54,3 +54,11 @@ def test_other_weights_fail_the_check(tmp_path, capsys):
 def test_prompts_longer_than_the_model_are_refused(capsys):
     assert _bench().main(TINY + ["--uniform-len", "60"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+
+
+def test_paired_replay_times_both_backends(capsys):
+    """--paired-replay: every paged-decode step also through the reference; equal logits, a row per bucket."""
+    argv = TINY[:-1] + ["--prompts", "4", "--attention-backend", "paged-decode", "--paired-replay"]
+    assert _bench().main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| uniform | all |" in out and "max abs logit difference" in out

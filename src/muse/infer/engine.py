@@ -65,7 +65,8 @@ class EngineConfig(SchedulerConfig):
     max_batched_query: int = 64             # attention: query lengths up to this share padded calls
     # how a step attends over the paged K/V pool (muse.infer.seq_attention): "paged-reference" (padded
     # groups over gathered blocks), "paged-contiguous" (one SDPA per sequence over a view of its blocks),
-    # "auto" (the second for steps of a few sequences, the first for bigger ones)
+    # "paged-decode" (decode-only steps scored in place over runs of the pool, muse.infer.decode_attention),
+    # "auto" (the second for steps of a few sequences, the third for big decode steps on CPU, else the first)
     attention_backend: str = "auto"  # also "flex" (compiled FlexAttention, CUDA) and "flex-eager" (its reference)
     # decode-only steps (one new token per request, no drafts) replayed as CUDA graphs, one per batch and
     # context bucket, captured when the engine starts (muse.infer.cuda_graph). Off by default until

@@ -4,8 +4,9 @@ The only part of the engine that touches tensors. Per step:
   1. drop the state of finished and preempted requests; (re)build it for `is_new` ones;
   2. flatten every scheduled request's tokens into ONE (1, N) batch and build the step's attention
      over the paged K/V pool with the configured backend (seq_attention.make_step: paged_cache.py's
-     reference plan, or one SDPA per sequence over views of its blocks): prefill chunks, decodes and
-     draft verifications of any number of requests in one forward pass;
+     reference plan, one SDPA per sequence over views of its blocks, or decodes scored in place by
+     decode_attention.py): prefill chunks, decodes and draft verifications of any number of requests
+     in one forward pass;
   3. compute logits only at the rows that need them: each sampling request's last known token and
      its drafts, and the positions whose next token is a prompt token for prompt_logprobs requests;
   4. sample (sampler.py), or verify drafts by rejection sampling (spec_decode.py); logprobs of the

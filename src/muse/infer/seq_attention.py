@@ -10,8 +10,13 @@ Backends (EngineConfig.attention_backend):
                       of the pool when the sequence's blocks are adjacent (BlockPool.allocate places
                       them so: 86% of the table neighbours a decode reads, BENCHMARKS.md) and on a
                       gather of its own blocks otherwise.
-  "auto" (default)    "paged-contiguous" for steps of at most AUTO_MAX_SEQS sequences, the reference
-                      for bigger ones (measured below).
+  "paged-decode"      decode_attention.DecodeStep: a decode-only step whose sequences share no block
+                      scores its keys in place, one bmm per run of adjacent blocks and k/v head, no key
+                      gather; every other step runs the reference.
+  "auto" (default)    "paged-contiguous" for steps of at most AUTO_MAX_SEQS sequences; bigger decode-only
+                      steps on a CPU float32 pool "paged-decode" where decode_attention.fits says so (at
+                      least 3 MiB of keys per layer, few runs of blocks for the blocks read); the reference
+                      for the rest (measured below and in decode_attention.py).
   "flex"              flex_attention.FlexStep: one torch.compile'd FlexAttention call per layer over the
                       whole pool, a block mask listing each row's blocks (the GPU path; on CPU it
                       measured no faster than "auto", BENCHMARKS.md section 5, so "auto" never picks it).
@@ -41,12 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from muse.common.errors import ConfigError
+from muse.infer.decode_attention import DecodeStep, fits, segments
 from muse.infer.flex_attention import FlexStep
 from muse.infer.flex_attention import check_available as check_flex
 from muse.infer.kv_blocks import cdiv
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan, long_tensor
 
-ATTENTION_BACKENDS = ("auto", "paged-reference", "paged-contiguous", "flex", "flex-eager")
+ATTENTION_BACKENDS = ("auto", "paged-reference", "paged-contiguous", "paged-decode", "flex", "flex-eager")
 AUTO_MAX_SEQS = 3  # "auto": steps of up to this many sequences attend per sequence (measured above)
 
 
@@ -65,6 +71,11 @@ def make_step(backend: str, pool: PagedKVPool, spans: Sequence[SeqSpan], *, max_
         return FlexStep(pool, spans, logits_indices, compiled=backend == "flex")
     if backend == "paged-contiguous" or (backend == "auto" and len(spans) <= AUTO_MAX_SEQS):
         return SequenceStep(pool, spans, logits_indices)
+    if backend == "paged-decode" or (backend == "auto" and pool.v.device.type == "cpu"
+                                     and pool.v.dtype == torch.float32):
+        runs = segments(spans, pool.block_size) if backend == "paged-decode" else fits(spans, pool)
+        if runs is not None:
+            return DecodeStep(pool, spans, logits_indices, runs)
     plan = StepPlan(spans, pool.block_size, pool.k.device, max_batched_query=max_batched_query, n_rep=n_rep)
     return PagedStep(pool, plan, logits_indices)
 

@@ -277,3 +277,16 @@ def test_init_from_continues_pretraining_from_weights(tiny_run, tmp_path, capsys
     capsys.readouterr()
     code = main(["train", str(tmp_path / "second"), "--init-from", str(ckpt), *args, "--force", "--set", "model.n_layer=3"])
     _one_line_error(capsys, code, "n_layer")
+
+
+def test_a_time_budget_stops_saves_and_bounds_the_eta(tiny_run, capsys, caplog, monkeypatch):
+    """max_time_s ends the run at the first step past it, with a checkpoint there; the logged eta is the time
+    left in the budget, not the 1,000 steps of the horizon."""
+    monkeypatch.setenv("MUSE_NO_PROGRESS", "1")
+    caplog.set_level("INFO", logger="muse.train")
+    assert main(["train", str(tiny_run), *TINY, "--max-steps", "1000", "--set", "max_time_s=1e-6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
+    assert (tiny_run / "base" / "latest").resolve().name == "step_000001"
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1000 |")]
+    assert steps and steps[0].endswith("eta 0m00s"), steps
+    assert any("max_time_s reached at step 1" in r.getMessage() for r in caplog.records)

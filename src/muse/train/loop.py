@@ -407,6 +407,8 @@ class TrainLoop:
                     tps = tok_window / max(now - t_window, 1e-9)
                     ups = units_window / max(now - t_window, 1e-9)
                     eta = (total_steps - step) * (now - t_window) / max(steps_window, 1)
+                    if cfg.max_time_s:  # a time budget ends the run first (GRPO's and the bench's arms)
+                        eta = min(eta, max(cfg.max_time_s - (now - t_start), 0.0))
                     train_time += now - t_window
                     train_tokens += tok_window
                     t_window, tok_window, steps_window, units_window = now, 0, 0, 0

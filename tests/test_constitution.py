@@ -92,15 +92,24 @@ def test_checks_that_name_prompt_get_it_and_one_argument_checks_keep_working(tmp
         revision = "r"
         must_not_match = "(?i)zounds"
         unless_prompt_matches = "(?i)swear"
+        [[principle]]
+        name = "names_the_queen"
+        critique = "c"
+        revision = "r"
+        must_match = "(?i)titania"
+        if_prompt_matches = "(?i)queen"
     """))
     c = load_constitution(path)
-    assert [p.reads_prompt for p in c.checked] == [False, True, True]
-    assert c.describe()["reads_prompt"] == ["echoes", "no_oaths"]
+    assert [p.reads_prompt for p in c.checked] == [False, True, True, True]
+    assert c.describe()["reads_prompt"] == ["echoes", "no_oaths", "names_the_queen"]
     v = c.check("the king sleeps", prompt="does the king sleep")
-    assert v.passed and v.score == 1.0 and len(v.results) == 3
+    assert v.passed and v.score == 1.0 and len(v.results) == 4
     v = c.check("zounds, a horse", prompt="does the king sleep")
     assert v.failed == ["echoes", "no_oaths"] and "shares 0 words" in v.reason()
     assert c.check("zounds, the king", prompt="Swear, does the king sleep?").failed == []  # asked to swear
+    # if_prompt_matches: judged only where the prompt matches, met elsewhere
+    assert c.check("the queen sleeps", prompt="where is the queen").failed == ["names_the_queen"]
+    assert c.check("Titania the queen sleeps", prompt="where is the queen").failed == []
     # the fix gets the prompt too
     assert c.revise("a horse", prompt="the king") == "the king a horse"
     # without a prompt the principles that read it cannot be judged: left out, not guessed
@@ -115,6 +124,10 @@ def test_checks_that_name_prompt_get_it_and_one_argument_checks_keep_working(tmp
      r"principle 'a': unless_prompt_matches limits a check to some prompts; this principle has none"),
     ('[[principle]]\nname = "a"\ncritique = "c"\nrevision = "r"\nmust_match = "x"\nunless_prompt_matches = "(x"\n',
      r"principle 'a': unless_prompt_matches '\(x' is not a valid regular expression"),
+    ('[[principle]]\nname = "a"\ncritique = "c"\nrevision = "r"\nif_prompt_matches = "x"\n',
+     r"principle 'a': if_prompt_matches limits a check to some prompts; this principle has none"),
+    ('[[principle]]\nname = "a"\ncritique = "c"\nrevision = "r"\nmust_match = "x"\nif_prompt_matches = "x["\n',
+     r"principle 'a': if_prompt_matches 'x\[' is not a valid regular expression"),
     ('[[principle]]\nname = "a"\ncritique = "c"\nrevision = "r"\nmust_match = "x"\nfix = "delete_sentences"\n',
      r"fix 'delete_sentences' deletes the matches of must_not_match"),
     ('[[principle]]\nname = "a"\ncritique = "c"\nrevision = "r"\ncheck = "on_topic"\noptions = { min_leters = 3 }\n',
@@ -164,7 +177,7 @@ def test_the_reward_and_rlaif_pairs_prefer_the_answer_over_the_canned_reply():
     q = [{"role": "user", "content": "Who is Ophelia?"}]
     reward = ConstitutionReward(None)
     scores = [r.score for r in reward.score([Rollout(tuple(q), IDENTITY), Rollout(tuple(q), "Ophelia is fair.")])]
-    assert scores == [pytest.approx(5 / 7), 1.0]
+    assert scores == [pytest.approx(6 / 8), 1.0]
 
     class Scripted:
         def __init__(self, replies):

@@ -37,9 +37,10 @@ def _toml(body: str) -> str:
 
 def test_the_sample_constitution_checks_and_fixes_every_principle():
     c = load_constitution()
-    assert [p.name for p in c.checked] == ["no_unasked_introduction", "on_topic", "brief", "no_repetition",
-                                           "plain_prose", "no_shouting", "finished"]
-    assert [p.name for p in c.principles if not p.fixable] == ["on_topic"]  # no rule can write the answer
+    assert [p.name for p in c.checked] == ["no_unasked_introduction", "introduces_itself_when_asked", "on_topic",
+                                           "brief", "no_repetition", "plain_prose", "no_shouting", "finished"]
+    # no rule can write the answer
+    assert [p.name for p in c.principles if not p.fixable] == ["introduces_itself_when_asked", "on_topic"]
     q = "Is the king dead?"
     bad = {
         "no_unasked_introduction": "I am Muse, a small language model. The king is dead.",
@@ -60,8 +61,13 @@ def test_the_sample_constitution_checks_and_fixes_every_principle():
     assert c.check(off, q).failed == ["on_topic"] and c.revise(off, q) == off
     good = "The king is dead, and the night is long."
     assert c.check(good, q).passed and c.check(good, q).score == 1.0 and c.revise(good, q) == good
-    assert "meets all 7" in c.check(good, q).reason()
-    assert "meets all 5" in c.check(good).reason()  # without a prompt, the two that read it are left out
+    assert "meets all 8" in c.check(good, q).reason()
+    assert "meets all 5" in c.check(good).reason()  # without a prompt, the three that read it are left out
+    # asked who it is, a reply must name Muse; asked anything else, it must not introduce itself
+    asked = "Hi! Who made you? Thanks!"
+    assert c.check(good, asked).failed == ["introduces_itself_when_asked"]
+    assert c.check("I am Muse, made by the Muse authors.", asked).passed
+    assert c.check("I am Muse, made by the Muse authors.", q).failed[0] == "no_unasked_introduction"
 
 
 @pytest.mark.parametrize("check, text, ok", [
@@ -166,12 +172,12 @@ def test_constitution_reward():
                         Rollout(msgs, ""), Rollout(msgs, identity),
                         Rollout(({"role": "user", "content": "Who are you?"},), identity)])
     assert all(isinstance(r, Reward) for r in out)
-    assert out[0] == Reward(1.0, "meets all 7 checked principles")
-    assert out[1].score == pytest.approx(3 / 7)  # on topic, no introduction, brief
+    assert out[0] == Reward(1.0, "meets all 8 checked principles")
+    assert out[1].score == pytest.approx(4 / 8)  # on topic, no introduction (neither asked), brief
     assert "no_repetition" in out[1].reason and "plain_prose" in out[1].reason and "finished" in out[1].reason
-    assert out[2].score == pytest.approx(4 / 7) and "finished" in out[2].reason and "brief" in out[2].reason
+    assert out[2].score == pytest.approx(5 / 8) and "finished" in out[2].reason and "brief" in out[2].reason
     # the canned reply meets every reply-only principle, and fails the two that read the question
-    assert out[3].score == pytest.approx(5 / 7) and "no_unasked_introduction" in out[3].reason
+    assert out[3].score == pytest.approx(6 / 8) and "no_unasked_introduction" in out[3].reason
     assert "on_topic" in out[3].reason and out[4].score == 1.0  # asked who it is: the answer
     assert reward.name == "constitution"
 
@@ -225,7 +231,7 @@ def test_compliance_task_scores_known_outputs():
     for output, score in cases.items():
         assert tasks.grade_sample(task, sample, output).score == score, output
     partial = tasks.get("compliance", partial=True)
-    assert tasks.grade_sample(partial, sample, "Hamlet is the prince of Denmark").score == pytest.approx(6 / 7)
+    assert tasks.grade_sample(partial, sample, "Hamlet is the prince of Denmark").score == pytest.approx(7 / 8)
     assert "finished" in tasks.grade_sample(partial, sample, "Hamlet is the prince of Denmark").reason
 
 
@@ -273,7 +279,7 @@ def test_checks_pairs_revised_over_original_and_best_over_worst():
     assert ("best_vs_worst", "A fine reply.", "HAMLET: a reply") in kinds
     assert len(pairs) == 3  # the compliant reply has nothing to revise
     bvw = next(p for p in pairs if p["kind"] == "best_vs_worst")
-    assert bvw["scores"] == {"chosen": 1.0, "rejected": pytest.approx(4 / 7)} and "programmatic checks" in bvw["critique"]
+    assert bvw["scores"] == {"chosen": 1.0, "rejected": pytest.approx(5 / 8)} and "programmatic checks" in bvw["critique"]
     rev = next(p for p in pairs if p["rejected"] == "HAMLET: a reply")
     assert "plain_prose" in rev["critique"] and "no_shouting" in rev["critique"] and rev["prompt"] == "hi"
     same = asyncio.run(Worker(cfg, c, Scripted(["Same."] * 3), None)({"id": "q", "messages": [{"role": "user", "content": "x"}]}))
@@ -402,6 +408,35 @@ def test_prompts_file_errors(tmp_path):
     bad.write_text('{"prompt": "a"}\n{"prompt": "a"}\n{"prompt": "b"}\n')
     assert [p["prompt"] for p in load_prompts(str(bad), None)] == ["a", "b"]
     assert len(load_prompts(None, 7)) == 7
+
+
+def test_default_prompts_mix_identity_questions_in():
+    # one in five default prompts is an identity question (where the introduction is the answer), evenly spread
+    from muse.common.errors import UsageError
+    from muse.tasks.constitution import load_constitution
+
+    ps = load_prompts(None, 20)
+    kinds = ["identity" if p["id"].startswith("identity") else "compliance" for p in ps]
+    assert kinds == (["compliance"] * 4 + ["identity"]) * 4
+    assert [p["id"] for p in ps if p["id"].startswith("compliance")] == [s.id for s in tasks.get("compliance").samples("train")[:16]]
+    # the sample constitution exempts the identity questions' introduction and asks for it there: every identity
+    # and compliance demonstration meets everything (all splits), and an off-topic reply to who-are-you fails
+    c, ident = load_constitution(None), tasks.get("identity").samples("train")
+    for name in ("identity", "compliance"):
+        for split in ("train", "validation", "test"):
+            for s in tasks.get(name).samples(split):
+                assert c.check(s.target, s.messages[-1]["content"]).passed, s.messages
+                if name == "identity":
+                    assert c.check("Hamlet is a prince of Denmark.", s.messages[-1]["content"]).failed == [
+                        "introduces_itself_when_asked"], s.messages
+    # a task runs out: the others fill in; task:NAME alone is the old default
+    everything = load_prompts("task:identity=0.9,compliance=0.1", None)
+    assert len(everything) == len(ident) + 5000 and len({p["id"] for p in everything}) == len(everything)
+    assert all(p["id"].startswith("compliance") for p in load_prompts("task:compliance", 50))
+    for spec, message in [("task:complience", "Did you mean: compliance"), ("task:identity=0", "positive number"),
+                          ("task:identity,identity", "named twice")]:
+        with pytest.raises(UsageError, match=message):
+            load_prompts(spec, 5)
 
 
 def test_cli_pairs_then_dpo_and_bad_input(policy_run, tmp_path, muse):

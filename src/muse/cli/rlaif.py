@@ -32,8 +32,9 @@ EXAMPLES = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory: the policy is RUN_DIR/sft; pairs go to RUN_DIR/rlaif/")
     p.add_argument("--constitution", metavar="FILE", help="constitution TOML (default: the sample, docs/posttrain.md)")
-    p.add_argument("--prompts", metavar="FILE",
-                   help='JSONL of {"prompt": ...} or {"messages": [...]} rows (default: the compliance task\'s train split)')
+    p.add_argument("--prompts", metavar="FILE|task:NAME[=SHARE],...",
+                   help='JSONL of {"prompt": ...} or {"messages": [...]} rows, or task:NAME[=SHARE],... (the tasks\' '
+                        'train questions, interleaved by share; default task:compliance=0.8,identity=0.2)')
     p.add_argument("--critic", default="checks",
                    help="checks (default), policy, NAME=openai:BASE_URL@MODEL, or a checkpoint directory")
     p.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")

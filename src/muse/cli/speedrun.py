@@ -50,11 +50,13 @@ SFT_PRESET = {"max_steps": 150, "batch_tokens": 4096, "eval_every": 75, "save_ev
 GRPO_PRESET = {"tasks": ("arithmetic_1digit",), "max_steps": 30, "group_size": 8, "prompts_per_step": 8,
                "max_new_tokens": 32, "eval_every": 30, "save_every": 30, "eval_prompts": 32, "eval_samples": 4,
                "log_every": 5, "max_time_s": 150.0}
-# RLAIF: the sample constitution's programmatic checks as critic on `prompts` of the compliance task's train
-# split x `samples` replies, then DPO from the SFT model on the pairs: ~60 s on 2 cores. `nll_weight` adds
-# RPO's term (the chosen replies' NLL per token) to DPO's loss; it and the 20 steps were picked on the
-# validation split, where they left letter_count and the plays' bpb where SFT had them (plain DPO swapped
-# the identity reply for another canned one); the identity task still drops 7.6 points (BENCHMARKS.md 11).
+# RLAIF: the sample constitution's programmatic checks as critic on `prompts` of rlaif.py's default prompts
+# (the compliance task's train questions, one in five an identity question) x `samples` replies, then DPO
+# from the SFT model on the pairs: ~60 s on 2 cores. `nll_weight` adds RPO's term (the chosen replies' NLL
+# per token) to DPO's loss; it and the 20 steps were picked on the validation split, where they left
+# letter_count and the plays' bpb where SFT had them (plain DPO swapped the identity reply for another
+# canned one). With compliance prompts alone the identity task dropped 7.6 points; the identity questions
+# among the prompts are there to keep it (BENCHMARKS.md 11).
 RLAIF_PRESET = {"prompts": 300, "samples": 4, "max_steps": 20, "nll_weight": 1.0, "eval_every": 10,
                 "save_every": 20, "log_every": 5}
 SCORE_LIMIT = 100  # test items per task in the report (bench/posttrain.py scores 1,000)

@@ -3,7 +3,8 @@
     cfg = RLAIFConfig(critic="checks", samples=4)
     summary = run_rlaif(cfg, "runs/x")          # runs/x/rlaif/pairs.jsonl, summary.json
 
-For each prompt (the `compliance` task's train split by default, or a JSONL file of {"prompt"} or
+For each prompt (by default the `compliance` task's train questions and, one in five, the `identity`
+task's: DEFAULT_PROMPT_TASKS; "task:NAME[=SHARE],..." names others; or a JSONL file of {"prompt"} or
 {"messages"} rows), the policy (RUN/sft by default) writes `samples` responses through the paged engine
 (muse.eval.local.MuseProvider: many requests in flight, batched by the engine; seeded per prompt and
 sample, so a rerun draws the same ones). Then the critic:
@@ -46,7 +47,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from muse.common.errors import DataError, UsageError
+from muse.common.errors import DataError, UsageError, closest
 from muse.common.logging import get_logger, progress
 from muse.common.paths import atomic_write_json, atomic_write_text
 from muse.eval.cache import NoCache, ResponseCache, canonical
@@ -72,7 +73,7 @@ JOURNAL, PAIRS, SUMMARY, SETTINGS, CACHE = "journal.jsonl", "pairs.jsonl", "summ
 @dataclass
 class RLAIFConfig:
     constitution: str | None = None   # TOML file; None = the sample constitution
-    prompts: str | None = None        # JSONL file; None = the compliance task's train split
+    prompts: str | None = None        # JSONL file or "task:NAME[=SHARE],..."; None = DEFAULT_PROMPT_TASKS
     limit: int | None = 1000          # prompts at most (None: all)
     samples: int = 4                  # responses per prompt
     max_tokens: int = 64              # per response (the compliance task's limit)
@@ -108,14 +109,69 @@ def _prompt_id(messages) -> str:
     return hashlib.sha256(canonical(list(messages)).encode()).hexdigest()[:16]
 
 
-def load_prompts(path: str | None, limit: int | None) -> list[dict]:
-    """[{"id", "messages", "prompt"?}] from a JSONL file, or the compliance task's train split."""
-    out: list[dict] = []
-    if path is None:
-        import muse.tasks as tasks
+# The default prompts: the compliance task's train questions, and one in five the identity task's train
+# questions ("What is your name?"), where the introduction is the answer (the sample constitution exempts
+# it from no_unasked_introduction and on_topic, and asks for it: introduces_itself_when_asked). Without
+# them nothing in the pairs says where the introduction belongs, and DPO pushed it down everywhere: the
+# identity task fell 7.6 points; with them and that principle, 2.7 over two rounds (BENCHMARKS.md 11).
+DEFAULT_PROMPT_TASKS = "task:compliance=0.8,identity=0.2"
 
-        for s in tasks.get("compliance").samples("train"):
-            out.append({"id": s.id, "messages": [dict(m) for m in s.messages]})
+
+def parse_prompt_tasks(spec: str) -> list[tuple[str, float]]:
+    """"task:NAME[=SHARE],..." -> [(name, share)] (shares default to 1, normalised to sum 1); UsageError."""
+    import muse.tasks as tasks
+
+    out = []
+    for part in spec.removeprefix("task:").split(","):
+        name, _, share = part.strip().partition("=")
+        name = name.strip()
+        if name not in tasks.names():
+            raise UsageError(f"--prompts {spec}: unknown task {name!r}.{closest(name, tasks.names()) or ''} "
+                             "Give task:NAME[=SHARE],... or a JSONL file")
+        try:
+            w = float(share) if share.strip() else 1.0
+        except ValueError:
+            w = -1.0
+        if not w > 0:
+            raise UsageError(f"--prompts {spec}: the share of {name!r} must be a positive number, got {share!r}")
+        out.append((name, w))
+    if len({n for n, _ in out}) != len(out):
+        raise UsageError(f"--prompts {spec}: a task is named twice")
+    total = sum(w for _, w in out)
+    return [(n, w / total) for n, w in out]
+
+
+def task_prompts(spec: str, limit: int | None) -> list[dict]:
+    """The named tasks' train questions, interleaved by share: the first `limit` prompts hold each task at
+    its share (to within one prompt) while it lasts; then the others fill in."""
+    import muse.tasks as tasks
+
+    pools = []
+    for name, share in parse_prompt_tasks(spec):
+        rows = [{"id": s.id, "messages": [dict(m) for m in s.messages]} for s in tasks.get(name).samples("train")
+                if s.messages]
+        if not rows:
+            raise UsageError(f"--prompts {spec}: task {name!r} has no chat questions in its train split")
+        pools.append([share, rows, 0])
+    out: list[dict] = []
+    want = limit or sum(len(rows) for _, rows, _ in pools)
+    while len(out) < want:
+        live = [p for p in pools if p[2] < len(p[1])]
+        if not live:
+            break
+        # the task furthest behind its share next (ties: the order given), a deterministic even spread
+        p = min(live, key=lambda p: (p[2] + 1) / p[0])
+        out.append(p[1][p[2]])
+        p[2] += 1
+    return out
+
+
+def load_prompts(path: str | None, limit: int | None) -> list[dict]:
+    """[{"id", "messages", "prompt"?}] from a JSONL file, or "task:NAME[=SHARE],..." (the tasks' train
+    splits, interleaved by share); None = DEFAULT_PROMPT_TASKS."""
+    out: list[dict] = []
+    if path is None or str(path).startswith("task:"):
+        return task_prompts(path or DEFAULT_PROMPT_TASKS, limit)
     else:
         p = Path(path)
         try:
@@ -331,8 +387,9 @@ def _critic_spec(cfg: RLAIFConfig) -> ModelSpec | None:
 def _settings(cfg: RLAIFConfig, constitution: Constitution, policy: Path, critic: ModelSpec | None) -> dict:
     from muse.checkpoint.manifest import MANIFEST, file_sha256
 
-    prompts = ({"file": str(Path(cfg.prompts).resolve()), "sha256": file_sha256(cfg.prompts)} if cfg.prompts
-               else {"task": "compliance", "split": "train"})
+    spec = cfg.prompts or DEFAULT_PROMPT_TASKS
+    prompts = ({"tasks": dict(parse_prompt_tasks(spec)), "split": "train"} if spec.startswith("task:")
+               else {"file": str(Path(spec).resolve()), "sha256": file_sha256(spec)})
     critic_id = ("checks" if critic is None else "policy" if critic.target == "<policy>" else
                  f"openai:{critic.target}@{critic.model}" if critic.kind == "openai" else
                  f"muse:{Path(critic.target).resolve()}")

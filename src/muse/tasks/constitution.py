@@ -28,7 +28,8 @@ question too: it is called fn(text, prompt=..., **options), with the user's last
 it can tell an answer from a canned reply that would meet any reply-only rule (the built-in `on_topic`).
 Checks of one argument keep working unchanged. `unless_prompt_matches = '...'` (a regex searched in the
 prompt) limits any principle to the prompts it does not match: where it matches, the principle is met
-(the sample's "do not introduce yourself unless asked who you are"). Principles that read the prompt are
+(the sample's "do not introduce yourself unless asked who you are"); `if_prompt_matches` is its other
+side, the principle applies only where the prompt matches ("asked who you are, say your name"). Principles that read the prompt are
 left out of a verdict made without one (`check(text)`): they cannot be judged there.
 A fix is fn(text, **options) -> str. Built-in checks: CHECKS; built-in fixes: FIXES. `module:function`
 is imported like a task's python grader (graders.py): from a file next to the constitution first, then
@@ -60,7 +61,7 @@ DEFAULT_CONSTITUTION = Path(__file__).with_name("constitutions") / "default.toml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _PRINCIPLE_KEYS = ("name", "critique", "revision", "check", "must_match", "must_not_match", "unless_prompt_matches",
-                   "fix", "options")
+                   "if_prompt_matches", "fix", "options")
 _PATTERN_FIXES = ("delete_matches", "delete_sentences")  # fixes that take the principle's must_not_match
 _TOP_KEYS = ("name", "description", "principle")
 
@@ -335,6 +336,7 @@ class Principle:
     must_match: str | None = None
     must_not_match: str | None = None
     unless_prompt_matches: str | None = None  # a regex: where the prompt matches, the principle is met
+    if_prompt_matches: str | None = None      # a regex: where the prompt does not match, the principle is met
     fix: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     _check_fn: Callable | None = field(default=None, repr=False, compare=False)
@@ -357,13 +359,17 @@ class Principle:
 
     @property
     def reads_prompt(self) -> bool:
-        """Judged against the question too: a check that takes `prompt`, or `unless_prompt_matches`."""
-        return self.unless_prompt_matches is not None or self._check_takes_prompt
+        """Judged against the question too: a check that takes `prompt`, `unless_prompt_matches` or
+        `if_prompt_matches`."""
+        return (self.unless_prompt_matches is not None or self.if_prompt_matches is not None
+                or self._check_takes_prompt)
 
     def run_check(self, text: str, prompt: str | None = None) -> CheckResult:
         if self.reads_prompt and prompt is None:
             raise ConstitutionError(f"principle '{self.name}' reads the prompt; check it with the prompt")
         if self.unless_prompt_matches is not None and re.search(self.unless_prompt_matches, prompt):
+            return CheckResult(self.name, 1.0, "does not apply to this prompt")
+        if self.if_prompt_matches is not None and not re.search(self.if_prompt_matches, prompt):
             return CheckResult(self.name, 1.0, "does not apply to this prompt")
         if self.must_match is not None:
             ok = re.search(self.must_match, text) is not None
@@ -530,7 +536,7 @@ def _principle(row, i: int, where: str, base_dir: Path | None) -> Principle:
     given = [k for k in ("check", "must_match", "must_not_match") if k in row]
     if len(given) > 1:
         raise ConstitutionError(f"{at}: give one of check, must_match, must_not_match, not {' and '.join(given)}")
-    for key in ("must_match", "must_not_match", "unless_prompt_matches"):
+    for key in ("must_match", "must_not_match", "unless_prompt_matches", "if_prompt_matches"):
         if key in row:
             if not isinstance(row[key], str) or not row[key]:
                 raise ConstitutionError(f"{at}: {key} must be a non-empty regular expression")
@@ -538,9 +544,10 @@ def _principle(row, i: int, where: str, base_dir: Path | None) -> Principle:
                 re.compile(row[key])
             except re.error as e:
                 raise ConstitutionError(f"{at}: {key} {row[key]!r} is not a valid regular expression: {e}") from None
-    if "unless_prompt_matches" in row and not given:
-        raise ConstitutionError(f"{at}: unless_prompt_matches limits a check to some prompts; this principle has "
-                                "none (give check, must_match or must_not_match)")
+    for key in ("unless_prompt_matches", "if_prompt_matches"):
+        if key in row and not given:
+            raise ConstitutionError(f"{at}: {key} limits a check to some prompts; this principle has "
+                                    "none (give check, must_match or must_not_match)")
     check_fn = _resolve(row["check"], CHECKS, base_dir, at, "check") if "check" in row else None
     if check_fn is not None:
         try:
@@ -561,7 +568,7 @@ def _principle(row, i: int, where: str, base_dir: Path | None) -> Principle:
     return Principle(name=name, critique=row["critique"].strip(), revision=row["revision"].strip(),
                      check=row.get("check"), must_match=row.get("must_match"),
                      must_not_match=row.get("must_not_match"), unless_prompt_matches=row.get("unless_prompt_matches"),
-                     fix=row.get("fix"), options=dict(options),
+                     if_prompt_matches=row.get("if_prompt_matches"), fix=row.get("fix"), options=dict(options),
                      _check_fn=check_fn, _fix_fn=fix_fn)
 
 

@@ -94,7 +94,7 @@ def test_speedrun_rlaif_stage_trains_dpo_scores_compliance_and_is_kept_on_rerun(
     facts: dict = {}
     lines = speedrun.rlaif_section(run, facts, {"sft": {"scores": {"compliance": [0.25, 0.1, 3]}}}, pref)
     text = "\n".join(lines)
-    assert "## Post-training: RLAIF + DPO" in text and "6 prompts of the compliance task's train split x 2" in text
+    assert "## Post-training: RLAIF + DPO" in text and "6 prompts (the compliance task's train questions, one in five an identity question) x 2" in text
     assert "SFT 25.0% +- 10.0% -> " in text and facts["dpo_steps"] == 2 and facts["compliance"]["sft"] == 0.25
 
 

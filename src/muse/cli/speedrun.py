@@ -435,17 +435,18 @@ def rlaif_section(out: Path, facts: dict, post: dict, pref: dict) -> list[str]:
     pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
     lines = [
         "## Post-training: RLAIF + DPO", "",
-        f"`muse rlaif` with the sample constitution's programmatic checks as critic: {r['prompts']} prompts of the "
-        f"compliance task's train split x {r['samples_per_prompt']} replies from the SFT model "
+        f"`muse rlaif` with the sample constitution's programmatic checks as critic: {r['prompts']} prompts (the "
+        f"compliance task's train questions, one in five an identity question) x {r['samples_per_prompt']} replies "
+        "from the SFT model "
         f"(temperature 1; {pct(r['compliance']['samples'])} of them meet every principle) -> {r['pairs']['total']} "
         f"pairs ({r['pairs']['revision']} revised over original, {r['pairs']['best_vs_worst']} best over worst) in "
         f"{r['wall_s']:.0f} s; then `muse dpo` from the SFT model: {state['step']} steps in {state['elapsed_s']:.0f} s"
         + (f", held-out pair accuracy {vals[-1]['val_accuracy']:.0%}" if vals else "") + ".", "",
         f"Compliance (greedy, first {n} test prompts; every checked principle met): SFT {s:.1%} +- {sse:.1%} -> "
         f"**{d:.1%}** +- {dse:.1%} after DPO (with the chosen replies' NLL, weight "
-        f"{RLAIF_PRESET['nll_weight']:g}). Two of the principles read the question, so a canned reply (the "
-        "model's identity sentence, its answer to most questions after SFT) is not compliant (BENCHMARKS.md "
-        "section 11). The DPO model is a side branch: GRPO below starts from SFT.", "",
+        f"{RLAIF_PRESET['nll_weight']:g}). Three of the principles read the question, so a canned reply (the "
+        "model's identity sentence, its answer to most questions after SFT) is not compliant, except where the "
+        "question asks who the model is (BENCHMARKS.md section 11). The DPO model is a side branch: GRPO below starts from SFT.", "",
     ]
     return lines
 

@@ -66,8 +66,10 @@ def setup_run(out: Path, name: str, data: Path) -> Path:
     return run
 
 
-def score(ckpt: Path, task: str, limit: int, stages: tuple[str, ...] | None = None) -> dict:
-    """pass@1 (greedy, zero-shot chat) with per-item scores, by muse.posttrain.taskscore."""
+def score(ckpt: Path, task: str, limit: int, stages: tuple[str, ...] | None = None, *, samples: int = 0,
+          temperature: float = 1.0, seed: int = 0) -> dict:
+    """pass@1 (greedy, zero-shot chat) with per-item scores, by muse.posttrain.taskscore; with samples = k > 0 also
+    the sampled pass@1 (mean grade of k replies at `temperature`) and pass@k under "sampled" (sampled_score)."""
     from muse.checkpoint import load
     from muse.posttrain.taskscore import score_tasks
 
@@ -75,8 +77,43 @@ def score(ckpt: Path, task: str, limit: int, stages: tuple[str, ...] | None = No
     model, tok, meta = load(ckpt, stages=stages)
     res, outs = score_tasks(model, tok, [task], limit=limit, with_outputs=True)
     s = res[task]
-    return {"checkpoint": str(meta["path"]), "pass1": s.score, "se": s.se, "n": s.n,
-            "items": [o[2] for o in outs[task]], "score_s": round(time.perf_counter() - t0, 1)}
+    out = {"checkpoint": str(meta["path"]), "pass1": s.score, "se": s.se, "n": s.n,
+           "items": [o[2] for o in outs[task]], "score_s": round(time.perf_counter() - t0, 1)}
+    if samples:
+        out["sampled"] = sampled_score(model, tok, task, limit, samples, temperature, seed)
+    return out
+
+
+def sampled_score(model, tok, task_name: str, limit: int, k: int, temperature: float, seed: int) -> dict:
+    """The sampled pass@1 of the RL literature (mean grade of k replies per item at `temperature`: what GRPO's
+    own validation logs, muse.posttrain.grpo `evaluate`) and pass@k, on the first `limit` test items, with
+    per-item pass rates for paired comparisons. Item i's replies use seed `seed + i` whatever the checkpoint
+    (common random numbers across arms)."""
+    import muse.tasks as tasks_lib
+    from muse.posttrain.taskscore import bootstrap_se
+    from muse.tokenizer import render_prompt
+
+    t0 = time.perf_counter()
+    task = tasks_lib.get(task_name)
+    samples = task.samples("test")[:limit]
+    chunk = 32
+    rollouts, room = task_rollouts(model, task, chunk, k)
+    rates, anys = [], []
+    for start in range(0, len(samples), chunk):
+        batch = samples[start:start + chunk]
+        ids = [render_prompt(tok, tasks_lib.build_messages(task, s)) for s in batch]
+        fits = [i for i, x in enumerate(ids) if len(x) <= room]  # a prompt that does not fit scores 0
+        graded = graded_replies(rollouts, tok, task, [batch[i] for i in fits], [ids[i] for i in fits], k, temperature,
+                                [seed + start + i for i in fits])
+        by_index = dict(zip(fits, graded))
+        for i in range(len(batch)):
+            right = [float(ok) for _, ok in by_index.get(i, [(None, False)] * k)]
+            rates.append(sum(right) / k)
+            anys.append(float(max(right) > 0))
+    n = len(rates)
+    return {"pass1": sum(rates) / n, "se": bootstrap_se(rates), "n": n, "k": k, "temperature": temperature,
+            f"pass@{k}": sum(anys) / n, f"pass@{k}_se": bootstrap_se(anys), "items": rates, "any": anys,
+            "s": round(time.perf_counter() - t0, 1)}
 
 
 def muse_eval(out: Path, args) -> dict:
@@ -226,7 +263,17 @@ def run_control_sft(args, out: Path) -> dict:
         mixture.write_text(f'[[source]]\ntask = "{args.task}"\n')
     info = run_sft(args, run, args.minutes, mixture, args.sft_steps)
     info["settings"]["mixture"] = str(mixture)
+    info["final_val"] = final_val(run / "sft" / "metrics.jsonl")
     return info
+
+
+def final_val(metrics: Path) -> dict:
+    """The last evaluation's validation losses of a run's metrics.jsonl (the loop evaluates at its end):
+    control A's says whether more SFT still lowers the loss that "trained until its val loss stopped
+    improving" is about."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    vals = [r for r in rows if any(k.startswith("val_loss") for k in r)]
+    return {k: v for k, v in vals[-1].items() if k.startswith("val_loss") or k == "step"} if vals else {}
 
 
 def task_rollouts(model, task, prompts: int, k: int):
@@ -325,33 +372,15 @@ def headroom(args) -> dict:
     """What sampling can find that greedy decoding misses, on the first --headroom-limit test items: greedy
     pass@1 (taskscore) beside the mean pass rate and pass@k of k = --headroom-k samples at --temperature.
     GRPO learns from the right samples of a group; a greedy score it can lift needs pass@k well above it."""
-    import muse.tasks as tasks_lib
-    from muse.checkpoint import load
-    from muse.posttrain.taskscore import bootstrap_se
-    from muse.tokenizer import render_prompt
-
     t0 = time.perf_counter()
-    greedy = score(Path(args.sft), args.task, args.headroom_limit)
-    task = tasks_lib.get(args.task)
-    model, tok, _ = load(args.sft)
-    samples = task.samples("test")[:args.headroom_limit]
-    k, chunk = args.headroom_k, 32
-    rollouts, _ = task_rollouts(model, task, chunk, k)
-    rates, anys = [], []
-    for start in range(0, len(samples), chunk):
-        batch = samples[start:start + chunk]
-        ids = [render_prompt(tok, tasks_lib.build_messages(task, s)) for s in batch]
-        seeds = [args.seed + start + i for i in range(len(batch))]
-        for group in graded_replies(rollouts, tok, task, batch, ids, k, args.temperature, seeds):
-            right = [float(ok) for _, ok in group]
-            rates.append(sum(right) / k)
-            anys.append(float(max(right) > 0))
-    n = len(rates)
-    return {"greedy_pass1": greedy["pass1"], "greedy_se": greedy["se"], "n": n, "k": k,
-            "temperature": args.temperature, "sampled_pass1": sum(rates) / n, "sampled_se": bootstrap_se(rates),
-            f"pass@{k}": sum(anys) / n, f"pass@{k}_se": bootstrap_se(anys),
+    r = score(Path(args.sft), args.task, args.headroom_limit, samples=args.headroom_k, temperature=args.temperature,
+              seed=args.seed)
+    sm, k = r["sampled"], args.headroom_k
+    return {"greedy_pass1": r["pass1"], "greedy_se": r["se"], "n": sm["n"], "k": k,
+            "temperature": args.temperature, "sampled_pass1": sm["pass1"], "sampled_se": sm["se"],
+            f"pass@{k}": sm[f"pass@{k}"], f"pass@{k}_se": sm[f"pass@{k}_se"],
             # the items greedy gets wrong that some sample gets right: what RL can hope to turn
-            "greedy_wrong_sample_right": sum(1 for g, a in zip(greedy["items"], anys) if g < 1 and a > 0) / n,
+            "greedy_wrong_sample_right": sum(1 for g, a in zip(r["items"], sm["any"]) if g < 1 and a > 0) / sm["n"],
             "s": round(time.perf_counter() - t0, 1)}
 
 
@@ -369,6 +398,14 @@ def report(args, out: Path) -> int:
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     lines.append(f"| SFT checkpoint | {base['pass1']:.1%} +- {base['se']:.1%} ({base['n']}) | | | | | | "
                  f"{Path(base['checkpoint']).name} |")
+    sampled = []
+    if "sampled" in base:
+        b = base["sampled"]
+        k = b["k"]
+        summary["baseline"]["sampled"] = {x: y for x, y in b.items() if x not in ("items", "any")}
+        sampled = [f"| arm | sampled pass@1 (k={k}, T={b['temperature']}) | gain (pts) | gain / SE (paired) | "
+                   f"pass@{k} | gain (pts) |", "|---|---:|---:|---:|---:|---:|",
+                   f"| SFT checkpoint | {b['pass1']:.1%} +- {b['se']:.1%} ({b['n']}) | | | {b[f'pass@{k}']:.1%} | |"]
     for arm in ARMS:
         f = out / f"{arm}.json"
         if not f.exists():
@@ -389,10 +426,24 @@ def report(args, out: Path) -> int:
         name = {"grpo": "GRPO", "sft": "A: SFT continued", "rs": "B: rejection sampling"}[arm]
         lines.append(f"| {name} | {s['pass1']:.1%} +- {s['se']:.1%} ({s['n']}) | {100 * gain:+.1f} | "
                      f"{row['gain_in_se']} | {row['gain_in_se_paired']} | {wall} | {r['steps']} | {notes} |")
+        if sampled and "sampled" in s:
+            a, b = s["sampled"], base["sampled"]
+            k = b["k"]
+            g = a["pass1"] - b["pass1"]
+            se = bootstrap_se([x - y for x, y in zip(a["items"], b["items"])])
+            gk = a[f"pass@{k}"] - b[f"pass@{k}"]
+            row["sampled"] = {x: y for x, y in a.items() if x not in ("items", "any")}
+            row["sampled"].update(gain_pts=round(100 * g, 1), gain_in_se_paired=round(g / se, 2) if se else None,
+                                  pass_at_k_gain_pts=round(100 * gk, 1))
+            sampled.append(f"| {name} | {a['pass1']:.1%} +- {a['se']:.1%} ({a['n']}) | {100 * g:+.1f} | "
+                           f"{row['sampled']['gain_in_se_paired']} | {a[f'pass@{k}']:.1%} | {100 * gk:+.1f} |")
     if (out / "eval.json").exists():
         summary["muse_eval"] = json.loads((out / "eval.json").read_text())
     print(json.dumps(summary, indent=1))
     print("\n".join(lines))
+    if sampled:
+        print()
+        print("\n".join(sampled))
     return 0
 
 
@@ -429,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rs-group", type=int, default=8, help="samples per train prompt (control B)")
     p.add_argument("--headroom-limit", type=int, default=300, help="test items of the headroom arm")
     p.add_argument("--headroom-k", type=int, default=8, help="samples per item of the headroom arm")
+    p.add_argument("--score-samples", type=int, default=0,
+                   help="also score every checkpoint by the sampled pass@1 and pass@k of this many replies per test "
+                        "item (0: greedy only)")
+    p.add_argument("--score-temperature", type=float, default=0.0,
+                   help="the sampled score's temperature (default: --temperature, GRPO's)")
     p.add_argument("--rs-sample-share", type=float, default=0.3, help="share of the budget spent sampling (control B)")
     p.add_argument("--rs-dedupe", action=argparse.BooleanOptionalAction, default=False,
                    help="keep identical correct replies of a prompt once")
@@ -473,12 +529,14 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "headroom.json").write_text(json.dumps(h, indent=1))
                 print(f"headroom: {json.dumps(h)}", file=sys.stderr, flush=True)
                 continue
+            sampling = dict(samples=args.score_samples, temperature=args.score_temperature or args.temperature,
+                            seed=args.seed)
             if arm == "baseline":
-                r = score(Path(args.sft), args.task, args.limit)
+                r = score(Path(args.sft), args.task, args.limit, **sampling)
             else:
                 r = {"grpo": run_grpo, "sft": run_control_sft, "rs": run_rs}[arm](args, out)
                 run_dir, stage = r.pop("ckpt")
-                r["score"] = score(Path(run_dir), args.task, args.limit, (stage,))
+                r["score"] = score(Path(run_dir), args.task, args.limit, (stage,), **sampling)
             r.update(load_start=load0, load_end=load_avg(), total_s=round(time.perf_counter() - t0, 1),
                      threads=torch.get_num_threads(), minutes=args.minutes)
             (out / f"{arm}.json").write_text(json.dumps(r))

@@ -87,13 +87,19 @@ def test_the_arms_end_to_end_on_a_tiny_run(sft_ckpt, tmp_path, capsys, monkeypat
     code = _bench().main(_argv(sft_ckpt, out, "--arms", "baseline,grpo,sft,headroom", "--grpo-steps", "2",
                                "--sft-steps", "2", "--minutes", "5", "--headroom-limit", "2", "--headroom-k", "3",
                                "--grpo-set", "max_new_tokens=8", "--grpo-set", "drop_equal_groups=true",
-                               "--batch-tokens", "1024"))
+                               "--batch-tokens", "1024", "--score-samples", "3"))
     stdout, err = capsys.readouterr()
     assert code == 0, err
     h = json.loads((out / "headroom.json").read_text())
     assert h["n"] == 2 and h["k"] == 3 and 0 <= h["sampled_pass1"] <= h["pass@3"] <= 1
     base = json.loads((out / "baseline.json").read_text())
     assert h["greedy_pass1"] == pytest.approx(sum(base["items"][:2]) / 2)  # the same scorer on the first 2 items
+    # every checkpoint's sampled score: k replies an item, item i seeded seed + i whatever the batch, so the
+    # headroom arm's first 2 items are the baseline's
+    sb = base["sampled"]
+    assert sb["k"] == 3 and sb["n"] == 3 and len(sb["items"]) == 3 and all(r in (0, 1 / 3, 2 / 3, 1) for r in sb["items"])
+    assert sb["pass1"] == pytest.approx(sum(sb["items"]) / 3) and sb["pass1"] <= sb["pass@3"]
+    assert h["sampled_pass1"] == pytest.approx(sum(sb["items"][:2]) / 2)
     summary = json.loads(stdout[:stdout.index("\n| arm |")])
     grpo, sft = summary["arms"]["grpo"], summary["arms"]["sft"]
     assert grpo["steps"] == 2 and sft["steps"] == 2
@@ -101,6 +107,8 @@ def test_the_arms_end_to_end_on_a_tiny_run(sft_ckpt, tmp_path, capsys, monkeypat
     assert sft["settings"]["schedule"] == "wsd (decay 0.5) over 2 steps"
     assert grpo["n"] == sft["n"] == 3 and "rs" not in summary["arms"]
     assert "| GRPO |" in stdout and "| A: SFT continued |" in stdout
+    assert grpo["sampled"]["k"] == 3 and "gain_pts" in grpo["sampled"] and "sampled pass@1 (k=3, T=1.0)" in stdout
+    assert sft["final_val"]["step"] == 2 and "val_loss" in sft["final_val"]  # control A's last validation losses
 
 
 def test_rejection_sampling_with_no_right_reply_is_a_one_line_error(sft_ckpt, tmp_path, capsys, monkeypatch):

@@ -34,6 +34,12 @@ fitted to the arm's wall time (`train_sized`: before each step the schedule's ho
 the budget holds at the rate so far), because a run that max_time_s cuts never reaches its decay;
 --grpo-steps / --sft-steps / --rs-sft-steps fix an arm's steps instead (sweeps at a fixed step count).
 
+Greedy and sampled: pass@1 is greedy (what `muse eval` gives by default). With --score-samples k every
+checkpoint is also scored the way the RL literature and GRPO's own validation log score it: the mean grade of
+k replies per item at --score-temperature (default: GRPO's --temperature), beside pass@k; item i's replies
+are seeded alike in every arm, so the paired differences compare like with like. GRPO is known to sharpen
+(its sampled pass rate rises toward what greedy decoding already says), so the two can disagree: report both.
+
 Gains are reported in points and in standard errors of the difference: unpaired sqrt(se_a^2 + se_b^2)
 (as bench/posttrain.py) and paired (bootstrap SE of the per-item differences: same items both sides).
 GRPO's rollout vs update seconds per step are the means of grpo/metrics.jsonl's rollout_s / update_s.

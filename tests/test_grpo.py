@@ -265,6 +265,45 @@ def test_after_updates_the_engine_samples_from_the_trained_weights(toy):
     assert float((logp - old)[mask].abs().max()) < 1e-4
 
 
+def test_token_logprobs_at_a_temperature_are_the_samplers():
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 64, (2, 6), generator=g)
+    y[:, :2] = -1
+    with torch.no_grad():
+        want = torch.log_softmax(model(x) / 0.5, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -1)
+        got, logits = token_logprobs(model, x, y, 0.5)
+        raw, _ = token_logprobs(model, x, y)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, model(x) / 0.5)
+    assert float((got - raw).abs().max()) > 1e-3  # the temperature is not ignored
+
+
+def test_at_a_temperature_the_loss_uses_the_samplers_logprobs(toy):
+    """T = 0.7 with a batch reused for two updates: pi_old is the tempered policy the rollout came from (the
+    training forward on the rollout's weights), not the engine's raw T = 1 log-probabilities."""
+    from muse.posttrain.grpo import grpo_loop
+
+    run, task = toy
+    path = task(SOME, 3, "(" + "|".join(SOME) + ")", n_train=8, words=12)
+    cfg = load_grpo_config(None, {"tasks": (str(path),), "max_steps": 2, "group_size": 4, "prompts_per_step": 8,
+                                  "device": "cpu", "eval_every": 0, "save_every": 0, "eval_prompts": 0,
+                                  "log_every": 1, "tensorboard": False, "plot": False, "dtype": "float32",
+                                  "temperature": 0.7, "updates_per_batch": 2},
+                           ["optim.name=adamw", "optim.lr=0.03"])
+    loop = grpo_loop(cfg, run)
+    loop.train()
+    obj = loop.objective
+    batch = obj.next_batch()  # step 3: a new rollout batch, on the weights of 2 updates
+    x, y, old, _ = batch.inputs
+    mask = y != -1
+    with torch.no_grad():
+        tempered, _ = token_logprobs(obj.model, x, y, 0.7)
+        raw, _ = token_logprobs(obj.model, x, y)
+    assert float((tempered - old)[mask].abs().max()) < 1e-5
+    assert float((raw - old)[mask].abs().max()) > 1e-2
+
+
 def test_grpo_starts_from_the_latest_stage_before_it(toy):
     """base only -> base; base -> sft -> sft; base -> sft -> grpo (a --force restart) -> sft again."""
     from muse.checkpoint import load, save_checkpoint

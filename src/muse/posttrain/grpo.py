@@ -27,6 +27,10 @@ On by default and why:
   and the clipped objective is plain REINFORCE with a group baseline; clipping does nothing. With
   `updates_per_batch` > 1 the same rollouts serve that many optimizer steps and pi_old is the engine's
   sampled log-probabilities (raw model, fp32); then clipping keeps the later steps near the sampler.
+- The loss's log-probabilities are those of the distribution the rollouts were sampled from: the logits
+  divided by `temperature` (as TRL and verl do); at T != 1 the raw model's would give another policy's
+  gradient. With `updates_per_batch` > 1 and T != 1, pi_old comes from the training forward on the rollout's
+  weights (the engine reports raw T = 1 log-probabilities); top_p's truncation is not modelled (TRL neither).
 - No KL to a reference (`kl_coef` = 0): DAPO, Dr. GRPO and nanochat drop it. It costs a forward pass of
   a frozen reference per micro-batch, it holds the policy back from where the verifier pulls it, and at
   one update per batch nothing else needs a trust region. `kl_coef` > 0 adds the k3 estimator
@@ -191,9 +195,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     return (per_token * mask).sum(), kl
 
 
-def token_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(y_t | x_<=t) with 0 where y == -1, the fp32 logits); both (B, T[, V])."""
+def token_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y_t | x_<=t) with 0 where y == -1, the fp32 logits); both (B, T[, V]). With a temperature T != 1
+    the distribution is the sampler's, softmax(logits / T), and the logits returned are divided by T."""
     logits = model(x)  # (B, T, V), fp32
+    if temperature != 1.0:
+        logits = logits / temperature
     B, T, V = logits.shape
     nll = F.cross_entropy(logits.view(B * T, V), y.view(B * T), ignore_index=-1, reduction="none")
     return -nll.view(B, T), logits
@@ -452,6 +460,8 @@ class GRPO(Objective):
             self._step_t0, self._step_rollout_s = time.perf_counter(), 0.0
             if self._batch is None or self.step % self.cfg.updates_per_batch == 0:
                 self._batch = self._rollout()
+                if self.cfg.updates_per_batch > 1 and self.cfg.temperature != 1.0:
+                    self._batch = self._sampler_logprobs(self._batch)
             self._chunks = [list(c) for c in np.array_split(np.arange(len(self._batch)), self.grad_accum)]
         seqs = [self._batch[i] for i in self._chunks[self._mb]]
         self._mb += 1
@@ -459,6 +469,22 @@ class GRPO(Objective):
             self._mb, self.step = 0, self.step + 1
             self._weights_dirty = True
         return self._collate(seqs)
+
+    def _sampler_logprobs(self, seqs: list[tuple]) -> list[tuple]:
+        """`seqs` with each completion's log-probabilities under the tempered policy that sampled it, from the
+        training forward on the current weights (the sampler's: no update since the rollout), in the step's
+        micro-batches (the same count on every rank: FSDP's forward is a collective). The engine reports
+        the raw model's log-probabilities (T = 1), which are pi_old only at temperature 1."""
+        T, out = self.cfg.temperature, []
+        with torch.no_grad(), self.ctx.autocast():
+            for chunk in np.array_split(np.arange(len(seqs)), self.grad_accum):
+                part = [seqs[i] for i in chunk]
+                x, y, _, _ = self._collate(part).inputs
+                logp = token_logprobs(self.model, x, y, T)[0].float().cpu()
+                for r, (prompt, completion, _, adv) in enumerate(part):
+                    start = len(prompt) - 1  # position t predicts token t + 1
+                    out.append((prompt, completion, logp[r, start:start + len(completion)].tolist(), adv))
+        return out
 
     def _collate(self, seqs: list[tuple]) -> MicroBatch:
         rows, old = [], []
@@ -480,11 +506,12 @@ class GRPO(Objective):
     def loss(self, model: nn.Module, batch: MicroBatch) -> torch.Tensor:
         x, y, old, adv = batch.inputs
         mask = y != -1
-        logp, logits = token_logprobs(model, x, y)
+        T = self.cfg.temperature
+        logp, logits = token_logprobs(model, x, y, T)  # the sampler's distribution: tempered
         ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_logp = token_logprobs(self.ref, x, y)[0]
+                ref_logp = token_logprobs(self.ref, x, y, T)[0]
         # One update per batch: pi_old is the policy itself (rho = 1, its gradient that of log pi); more: the sampler's.
         old_logp = old if self.cfg.updates_per_batch > 1 else logp.detach()
         total, kl = policy_loss(logp, old_logp, adv, mask, clip_eps=self.cfg.clip_eps, ref_logp=ref_logp,

@@ -22,6 +22,8 @@ EXAMPLES = """examples:
   MUSE_KEY=... muse eval --model runs/x --model S=openai:http://localhost:8000/v1@speedrun \\
       --api-key-env MUSE_KEY --tasks my_tasks/capitals.toml --concurrency 32
   muse eval --model runs/x --tasks all --limit 100 --gate release_gate.toml     # exit 3 below the gate
+  muse eval --model sft=runs/x/sft/latest --model grpo=runs/x/grpo/latest --tasks arithmetic_2digit \\
+      --limit 200 --samples 8 --temperature 1.0                                 # sampled pass@1, pass@2..8
 """
 
 
@@ -35,6 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", "--num-fewshot", dest="shots", type=int, metavar="K",
                    help="few-shot examples in every prompt (default: each task's own fewshot.k)")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the built-in task generators (default 0)")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="generate/chat tasks: ask each item K times, each with its own seed, and report the mean "
+                        "score over samples (pass@1) and pass@k for k = 1, 2, 4, ..., K (default 1: greedy, as "
+                        "each task says); multiple-choice and bpb tasks are unaffected. Costs K x the requests")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="generate/chat tasks: sampling temperature, 0 to 10 (default: 1.0 with --samples > 1, else "
+                        "each task's own, 0 = greedy for the built-ins); multiple-choice and bpb are unaffected")
     p.add_argument("--stage", help="which stage of a run directory (default: the latest trained)")
     p.add_argument("--device", default="auto", help="device for checkpoints (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: as saved)")
@@ -73,7 +82,9 @@ def _default_out(specs) -> Path:
 def run(args) -> int:
     from muse.common.errors import UsageError
     from muse.eval import check_gate, load_gate, parse_model_spec, results_table, run_eval
+    from muse.eval.runner import check_sampling
 
+    check_sampling(args.samples, args.temperature)
     for flag in ("limit", "concurrency"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -88,7 +99,8 @@ def run(args) -> int:
     results = run_eval(specs, args.tasks, limit=args.limit, out_dir=out, split=args.split, task_seed=args.task_seed,
                        shots=args.shots, cache=False if args.no_cache else (args.cache or True), concurrency=args.concurrency,
                        judge=args.judge, stage=args.stage, device=args.device, dtype=args.dtype, style=args.style,
-                       api_key_env=args.api_key_env, retries=args.retries, timeout=args.timeout)
+                       api_key_env=args.api_key_env, retries=args.retries, timeout=args.timeout,
+                       samples=args.samples, temperature=args.temperature)
     if args.contamination or args.contamination_data:
         contamination(args, out)
     if args.json:

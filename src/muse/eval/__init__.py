@@ -8,8 +8,8 @@
 
 providers.py (the request ops, the Provider interface, --model specs), local.py (a checkpoint through the
 paged engine), remote.py (an OpenAI-compatible endpoint over HTTP), cache.py (the SQLite response cache),
-runner.py (plans, runs and scores), report.py (results.json, report.md, charts, samples), gate.py (the
-release gate). docs/eval.md is the user's guide. This package knows no server and no CLI.
+runner.py (plans, runs and scores), sampling.py (--samples: seeds, pass@k), report.py (results.json,
+report.md, charts, samples), gate.py (the release gate). docs/eval.md is the user's guide. This package knows no server and no CLI.
 """
 
 from muse.eval.cache import NoCache, ResponseCache, default_cache_path

@@ -5,24 +5,30 @@
                                    and the samples where the models disagree
     OUT/scores.png, OUT/bpb.png    one bar per (task, model), error bars = bootstrap stderr
     OUT/samples/<model>/<task>.jsonl   one record per sample: id, output or log-likelihoods, scores, reason
+                                   (--samples K: K records per item, each with "sample" (its index) and "seed")
 
 results.json (schema_version 1):
 
     {"schema_version": 1, "muse_version": "...", "created_at": "2026-...Z",
      "settings": {"tasks": [...], "split": "test", "limit": 100, "task_seed": 0, "shots": null | K,
-                  "bootstrap": 1000, "cache": PATH},
+                  "bootstrap": 1000, "cache": PATH,
+                  "sampling": {"samples": K, "temperature": T} (only with --samples / --temperature)},
      "models": {NAME: {"kind": "muse"|"openai", "checkpoint" | "base_url"+"model", "identity", "style",
                        "spec", "error": null | "why the model could not be evaluated", "time_s"}},
      "tasks": {TASK: {"kind", "description", "metrics": [...], "primary", "higher_is_better", "chance", "source",
-                    "shots": the few-shot examples in each prompt}},
-     "results": {TASK: {NAME: {"status": "ok" | "skipped" | "failed", "reason": null | "...", "n", "n_failed",
+                    "shots": the few-shot examples in each prompt,
+                    "sampling": {"samples", "temperature"} (sampled generate/chat tasks only; with K > 1
+                                "metrics" adds "pass@1", "pass@2", ..., "pass@K")}},
+     "results": {TASK: {NAME: {"status": "ok" | "skipped" | "failed", "reason": null | "...",
+                               "n" (items), "n_samples" (records, K > 1 only), "n_failed" (records),
                                "failures": [first reasons], "metrics": {METRIC: {"value", "stderr"}},
                                "shots_reduced": {"n", "min_shots"} (only where some prompts lost few-shot
                                                 examples to fit the model's context),
                                "time_s", "tokens": {"prompt", "completion"},
                                "requests": {"sent", "cached"}}}}}
 
-`stderr` is the bootstrap standard error of the metric (1,000 resamples of the samples; null for n < 2).
+`stderr` is the bootstrap standard error of the metric (1,000 resamples of the samples; null for n < 2;
+sampled with K > 1: of the items, each item's value the mean over its K samples).
 With two or more models, results.json also holds "paired" (paired_comparison: each model against the
 first, on the samples both answered) and report.md its table:
 
@@ -45,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from muse.common.paths import atomic_write_bytes, atomic_write_json, atomic_write_text
+from muse.eval.sampling import by_item, item_means
 
 MAX_DISAGREEMENTS = 10
 CONFIDENCE = 0.95
@@ -79,7 +86,9 @@ def results_table(data: dict) -> str:
         for metric in info["metrics"]:
             arrow = "" if info["higher_is_better"] else " (lower is better)"
             cells = [_cell(per_model.get(m), metric) for m in models]
-            rows.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + f" | {chance} | {n} |")
+            # chance is one guess's score: it is not the chance of pass@k for k > 1
+            guess = "-" if metric.startswith("pass@") and metric != "pass@1" else chance
+            rows.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + f" | {guess} | {n} |")
     return "\n".join(rows)
 
 
@@ -93,7 +102,7 @@ def _notes(data: dict) -> list[str]:
             if r["status"] == "skipped":
                 lines.append(f"- {task} skipped for {name}: {r['reason']}")
             elif r["status"] == "ok" and r.get("n_failed"):
-                lines.append(f"- {task}, {name}: {r['n_failed']} of {r['n']} samples failed (scored 0): "
+                lines.append(f"- {task}, {name}: {r['n_failed']} of {r.get('n_samples', r['n'])} samples failed (scored 0): "
                              + "; ".join(r.get("failures", [])[:3]))
             if r["status"] == "ok" and r.get("shots_reduced"):
                 fewer = r["shots_reduced"]
@@ -120,11 +129,12 @@ def _short(text, n: int = 80) -> str:
 
 
 def disagreements(data: dict, records: dict, limit: int = MAX_DISAGREEMENTS) -> dict[str, list[dict]]:
-    """Per task, the samples (by id) on which the models' primary scores or picks differ."""
+    """Per task, the samples (by id) on which the models' primary scores or picks differ. Sampled items
+    (several records per id) compare their mean score over the samples and show the first sample."""
     models = list(data["models"])
     out = {}
     for task, info in data["tasks"].items():
-        per = {m: {r["id"]: r for r in records.get((m, task), [])} for m in models}
+        per = {m: _one_per_item(records.get((m, task), []), info["primary"]) for m in models}
         per = {m: rs for m, rs in per.items() if rs}
         if len(per) < 2 or info["kind"] == "bpb":
             continue
@@ -141,6 +151,19 @@ def disagreements(data: dict, records: dict, limit: int = MAX_DISAGREEMENTS) -> 
                     break
         if rows:
             out[task] = rows
+    return out
+
+
+def _one_per_item(records: list[dict], metric: str) -> dict[str, dict]:
+    """{id: record}; an item with several sampled records becomes its first sample's record with the
+    mean score over its samples (and "failed" only when every sample failed)."""
+    out = {}
+    for sid, rs in by_item(records).items():
+        if len(rs) == 1:
+            out[sid] = rs[0]
+        else:
+            mean = sum(float(r["scores"].get(metric, 0.0)) for r in rs) / len(rs)
+            out[sid] = {**rs[0], "scores": {**rs[0]["scores"], metric: mean}, "failed": all(r["failed"] for r in rs)}
     return out
 
 
@@ -217,9 +240,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float], weights_a: Sequenc
     return delta, float(lo), float(hi)
 
 
-def _paired_values(kind: str, metric: str, base: dict, other: dict):
+def _paired_values(kind: str, metric: str, base_records: list[dict], other_records: list[dict]):
     """(ids, a, b, weights_a, weights_b) over the items both models have, or a reason string."""
     if kind == "bpb":  # failed windows are left out of bpb, so pair only windows both scored
+        base, other = {r["id"]: r for r in base_records}, {r["id"]: r for r in other_records}
         ids = [i for i, r in base.items() if not r["failed"] and i in other and not other[i]["failed"]]
         if any(base[i]["bytes"] != other[i]["bytes"] for i in ids):
             return "the models' windows cover different text (another tokenizer), so they cannot be paired"
@@ -227,25 +251,27 @@ def _paired_values(kind: str, metric: str, base: dict, other: dict):
         b = [other[i]["nll"] / math.log(2) for i in ids]
         w = [base[i]["bytes"] for i in ids]
         return ids, a, b, w, w
-    ids = [i for i in base if i in other]  # a failed sample scores 0 here, as in the table
-    return (ids, [float(base[i]["scores"].get(metric, 0.0)) for i in ids],
-            [float(other[i]["scores"].get(metric, 0.0)) for i in ids], None, None)
+    # an item's value is the mean of its samples' scores (one sample unless --samples): items are paired,
+    # never samples, whose indices mean nothing across models. A failed sample scores 0, as in the table.
+    a, b = item_means(base_records, metric), item_means(other_records, metric)
+    ids = [i for i in a if i in b]
+    return ids, [a[i] for i in ids], [b[i] for i in ids], None, None
 
 
 def paired_comparison(data: dict, records: dict, n_boot: int = N_PAIRED_BOOTSTRAP,
                       confidence: float = CONFIDENCE) -> dict | None:
     """Every model against the first (the baseline), task by task on the primary metric, paired by sample
-    id (module docstring's "paired"); None with fewer than two models. A difference is significant when
-    its interval excludes 0; "worse" then means lower (higher for bits per byte)."""
+    id, a sampled item by its mean over its samples (module docstring's "paired"); None with fewer than two
+    models. A difference is significant when its interval excludes 0; "worse" then means lower (higher for bits per byte)."""
     models = list(data["models"])
     if len(models) < 2:
         return None
     base_name = models[0]
     out: dict = {"baseline": base_name, "confidence": confidence, "bootstrap": n_boot, "tasks": {}, "skipped": {}}
     for task, info in data["tasks"].items():
-        base = {r["id"]: r for r in records.get((base_name, task), [])}
+        base = records.get((base_name, task), [])
         for m in models[1:]:
-            other = {r["id"]: r for r in records.get((m, task), [])}
+            other = records.get((m, task), [])
             got = _paired_values(info["kind"], info["primary"], base, other) if base and other else "not scored by both"
             if not isinstance(got, str) and len(got[0]) < 2:
                 got = "fewer than 2 samples scored by both"
@@ -291,6 +317,16 @@ def render_markdown(data: dict, records: dict, charts: list[str]) -> str:
                  + (f", {s['shots']}-shot" if s.get("shots") is not None else "")
                  + f"; ± is the bootstrap standard error ({s['bootstrap']} resamples). muse {data['muse_version']}, "
                  f"{data['created_at']}.")
+    sampling = s.get("sampling")
+    if sampling:
+        k, t = sampling["samples"], sampling["temperature"]
+        lines += ["", f"**Sampled, not greedy**: every generate/chat item was asked {k} time{'s' if k > 1 else ''} "
+                      f"at temperature {t:g}, each sample with its own seed"
+                  + (f"; a score is the mean over items of the item's mean over its {k} samples (pass@1 for 0/1 "
+                     "grades), ± a bootstrap over items, and pass@k is the unbiased estimator "
+                     "1 - C(n-c, k)/C(n, k) per item (c samples of n graded 1), averaged over items."
+                     if k > 1 else ".")
+                  + " Multiple-choice and bpb tasks are scored as always."]
     lines.append("")
     for name, m in data["models"].items():
         where = m.get("checkpoint") or f"{m.get('base_url')} model {m.get('model')}"

@@ -14,6 +14,8 @@ How each kind is asked:
     generate         "complete" with the task's prompt (completion style) or "chat" with its messages
                      (chat style: a chat model, or an endpoint without /v1/completions); graded.
     chat             "chat"; graded. A judge grader asks the --judge model (its answers cached too).
+                     generate and chat: with --samples K / --temperature T, K seeded requests per item at T,
+                     K records per item, metrics over item means plus pass@k (sampling.py).
     bpb              a text file's chunks or the samples' `text` ("text_nll"); the run's own shards
                      (`data = "val"`: "ids_nll" windows, local checkpoints only). bits per byte.
 
@@ -29,7 +31,6 @@ This module knows tasks, providers and the cache. It writes nothing (report.py d
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ from muse.common.errors import DataError, MuseError, UsageError
 from muse.common.logging import get_logger, progress
 from muse.eval.cache import NoCache, ResponseCache, default_cache_path
 from muse.eval.providers import ModelSpec, ProviderFailed, SampleFailed, parse_model_spec, parse_model_specs
+from muse.eval.sampling import MAX_TEMPERATURE, item_means, item_pass_at_k, pass_ks, sample_seed
 from muse.tasks import Task
 from muse.tasks.spec import Sample
 
@@ -54,6 +56,7 @@ N_BOOTSTRAP = 1000
 BPB_CHUNK_CHARS = 2000      # a bpb text file is scored in chunks of about this many characters
 JUDGE_MAX_TOKENS = 512
 LOWER_IS_BETTER = frozenset({"bpb"})
+GENERATIVE = frozenset({"generate", "chat"})   # the kinds --samples and --temperature apply to
 
 
 @dataclass
@@ -67,6 +70,30 @@ class EvalOptions:
     concurrency: int | None = None    # None: the provider's own default
     n_bootstrap: int = N_BOOTSTRAP
     show_progress: bool = True
+    samples: int = 1                  # generate/chat: seeded samples per item (sampling.py)
+    temperature: float | None = None  # generate/chat: None = each task's own (1.0 with samples > 1)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether --samples or --temperature changed how generative tasks are asked (else: as each task says)."""
+        return self.samples > 1 or self.temperature is not None
+
+    def sampling(self) -> dict | None:
+        """{"samples", "temperature"} for results.json when sampled, else None."""
+        if not self.sampled:
+            return None
+        return {"samples": self.samples, "temperature": 1.0 if self.temperature is None else self.temperature}
+
+
+def check_sampling(samples: int, temperature: float | None) -> None:
+    """UsageError for a sample count or temperature that cannot mean anything."""
+    if samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if temperature is not None and not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise UsageError(f"--temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}")
+    if samples > 1 and temperature is not None and temperature <= 0:
+        raise UsageError(f"--samples {samples} at --temperature {temperature:g} asks the same greedy question "
+                         f"{samples} times; give a temperature > 0 (default 1.0) or drop --samples")
 
 
 @dataclass
@@ -106,10 +133,6 @@ def bootstrap_bpb(nll: Sequence[float], n_bytes: Sequence[int], n_boot: int = N_
 
 # ------------------------------------------------------------------------------------------------------
 # planning: a task's samples -> requests
-
-
-def _seed_of(sample_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
 def _text_chunks(text: str, size: int = BPB_CHUNK_CHARS) -> list[str]:
@@ -163,10 +186,12 @@ def plan_task(task: Task, provider, opts: EvalOptions) -> list[Work]:
     gen = task.generation
     chat = task.kind == "chat" or provider.style == "chat" or provider.unsupported("complete") is not None
     _check(provider, "chat" if chat else "complete")
+    sampling = opts.sampling()
+    temperature = gen.temperature if sampling is None else sampling["temperature"]
     for s in samples:
-        req = {"max_tokens": gen.max_tokens, "temperature": gen.temperature}
-        if gen.temperature > 0:
-            req["seed"] = _seed_of(s.id)
+        req = {"max_tokens": gen.max_tokens, "temperature": temperature}
+        if temperature > 0:
+            req["seed"] = sample_seed(s.id)
         try:
             shots = tasks_lib.fewshot_examples(task, s, opts.shots)
             asked = len(shots)
@@ -182,7 +207,15 @@ def plan_task(task: Task, provider, opts: EvalOptions) -> list[Work]:
             work.append(Work(s, [], "failed", {"reason": str(e)}))
             continue
         work.append(Work(s, [req], "generate", {"shots": len(shots)} if len(shots) < asked else {}))
-    return work
+    if sampling is None:
+        return work
+    # K seeded samples of each item, item by item; a plan failure fails each of its samples (n stays K)
+    out = []
+    for w in work:
+        for i in range(opts.samples):
+            reqs = [{**r, "seed": sample_seed(w.sample.id, i)} if "seed" in r else r for r in w.requests]
+            out.append(Work(w.sample, reqs, w.kind, {**w.extra, "sample": i}))
+    return out
 
 
 def _fits(provider, req: dict) -> bool:
@@ -261,9 +294,12 @@ async def _gather_or_cancel(coros) -> list:
 
 
 def _record_base(w: Work) -> dict:
-    if w.sample is not None:
+    if w.sample is None:
+        return {"id": w.extra.get("id", "")}
+    if "sample" not in w.extra:
         return {"id": w.sample.id}
-    return {"id": w.extra.get("id", "")}
+    seed = w.requests[0].get("seed") if w.requests else None
+    return {"id": w.sample.id, "sample": w.extra["sample"], **({"seed": seed} if seed is not None else {})}
 
 
 async def _score(task: Task, w: Work, fetch: Fetcher, ask) -> dict:
@@ -307,8 +343,12 @@ def _zero(task: Task) -> dict:
     return {} if task.kind == "bpb" else {m: 0.0 for m in task.metrics}
 
 
-def summarize(task: Task, records: list[dict], n_boot: int) -> dict:
-    """metrics {name: {value, stderr}} over the records (failed ones score 0; bpb leaves them out)."""
+def summarize(task: Task, records: list[dict], n_boot: int, samples: int = 1) -> dict:
+    """metrics {name: {value, stderr}} over the records (failed ones score 0; bpb leaves them out).
+
+    With `samples` > 1 records per item (a sampled generative task) each metric is the mean over items of
+    the item's mean over its samples, its stderr a bootstrap over items (the samples of an item are not
+    independent draws of the task), and pass@k is added for every k of sampling.pass_ks(samples)."""
     if task.kind == "bpb":
         ok = [r for r in records if not r["failed"]]
         if not ok:
@@ -316,10 +356,14 @@ def summarize(task: Task, records: list[dict], n_boot: int) -> dict:
         value, se = bootstrap_bpb([r["nll"] for r in ok], [r["bytes"] for r in ok], n_boot)
         return {"bpb": {"value": value, "stderr": se}}
     out = {}
+    per_item = samples > 1 and task.kind in GENERATIVE
     for m in task.metrics:
-        vals = [float(r["scores"].get(m, 0.0)) for r in records]
+        vals = list(item_means(records, m).values()) if per_item else [float(r["scores"].get(m, 0.0)) for r in records]
         if vals:
             out[m] = {"value": float(np.mean(vals)), "stderr": bootstrap_stderr(vals, n_boot)}
+    if per_item and records:
+        for k, vals in item_pass_at_k(records, task.metrics[0], pass_ks(samples)).items():
+            out[f"pass@{k}"] = {"value": float(np.mean(vals)), "stderr": bootstrap_stderr(vals, n_boot)}
     return out
 
 
@@ -335,15 +379,20 @@ class EvalResults:
         return (r.get("metrics", {}).get(metric) or {}).get("value")
 
 
-def _task_info(task: Task, shots: int | None = None) -> dict:
+def _task_info(task: Task, shots: int | None = None, sampling: dict | None = None) -> dict:
     primary = task.metrics[0]
     try:
         chance = task.chance_level()
     except MuseError:
         chance = None
-    return {"kind": task.kind, "description": task.description, "metrics": list(task.metrics), "primary": primary,
+    metrics = list(task.metrics)
+    sampled = sampling is not None and task.kind in GENERATIVE
+    if sampled and sampling["samples"] > 1:
+        metrics += [f"pass@{k}" for k in pass_ks(sampling["samples"])]
+    return {"kind": task.kind, "description": task.description, "metrics": metrics, "primary": primary,
             "higher_is_better": primary not in LOWER_IS_BETTER, "chance": chance, "source": task.source,
-            "shots": 0 if task.kind == "bpb" else (task.fewshot.k if shots is None else shots)}
+            "shots": 0 if task.kind == "bpb" else (task.fewshot.k if shots is None else shots),
+            **({"sampling": dict(sampling)} if sampled else {})}
 
 
 async def _run_model(provider, tasks: list[Task], cache, opts: EvalOptions, judge_fetch) -> tuple[dict, dict]:
@@ -396,12 +445,15 @@ async def _run_model(provider, tasks: list[Task], cache, opts: EvalOptions, judg
             now = vars(fetch.counters)
             records[task.name] = recs
             failed = [r for r in recs if r["failed"]]
+            per_item = opts.samples > 1 and task.kind in GENERATIVE
+            firsts = [r for r in recs if r.get("sample", 0) == 0]  # one record per item (all when not sampled)
             results[task.name] = {
-                "status": "ok", "reason": None, "n": len(recs), "n_failed": len(failed),
+                "status": "ok", "reason": None, "n": len(firsts),
+                **({"n_samples": len(recs)} if per_item else {}), "n_failed": len(failed),
                 "failures": sorted({r["reason"] for r in failed})[:5],
                 **({"shots_reduced": {"n": len(fewer), "min_shots": min(fewer)}}
-                   if (fewer := [r["shots"] for r in recs if "shots" in r]) else {}),
-                "metrics": summarize(task, recs, opts.n_bootstrap),
+                   if (fewer := [r["shots"] for r in firsts if "shots" in r]) else {}),
+                "metrics": summarize(task, recs, opts.n_bootstrap, opts.samples if per_item else 1),
                 "time_s": round(time.perf_counter() - t0, 3),
                 "tokens": {"prompt": now["prompt_tokens"] - before["prompt_tokens"],
                            "completion": now["completion_tokens"] - before["completion_tokens"]},
@@ -430,13 +482,15 @@ async def evaluate(providers: Sequence, tasks: Sequence[Task], *, cache=None, op
                    judge=None, specs: Mapping[str, str] | None = None) -> EvalResults:
     """Run started-or-not providers on tasks (the async core of run_eval; tests call it with their own)."""
     opts = opts or EvalOptions()
+    check_sampling(opts.samples, opts.temperature)
     cache = cache if cache is not None else NoCache()
     data = {"schema_version": SCHEMA_VERSION, "muse_version": muse.__version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {"tasks": [t.name for t in tasks], "split": opts.split, "limit": opts.limit,
                          "task_seed": opts.task_seed, "shots": opts.shots, "bootstrap": opts.n_bootstrap,
-                         "cache": str(getattr(cache, "path", None) or "")},
-            "models": {}, "tasks": {t.name: _task_info(t, opts.shots) for t in tasks},
+                         "cache": str(getattr(cache, "path", None) or ""),
+                         **({"sampling": opts.sampling()} if opts.sampled else {})},
+            "models": {}, "tasks": {t.name: _task_info(t, opts.shots, opts.sampling()) for t in tasks},
             "results": {t.name: {} for t in tasks}}
     records: dict = {}
     errors: list[str] = []
@@ -478,12 +532,15 @@ def run_eval(models: Sequence[str | ModelSpec], tasks: str | Sequence[str | Task
              judge: str | None = None,
              stage: str | None = None, device: str = "cpu", dtype: str | None = None, style: str = "auto",
              api_key_env: str | None = None, retries: int = 4, timeout: float = 120.0, engine_config=None,
-             show_progress: bool = True) -> EvalResults:
+             show_progress: bool = True, samples: int = 1, temperature: float | None = None) -> EvalResults:
     """Evaluate `models` (paths or `NAME=openai:URL@MODEL`) on `tasks` ("all", "a,b", names, paths or Task
     objects); writes results.json, report.md, charts and samples/ to `out_dir` when given.
 
     cache: True = the default file (default_cache_path()), a path, or False/None for no cache.
+    samples, temperature: generate/chat tasks ask each item `samples` times at `temperature` (default: each
+    task's own with 1 sample, 1.0 with more) and report pass@1 and pass@k (sampling.py); other kinds ignore them.
     """
+    check_sampling(samples, temperature)
     specs = parse_model_specs(models)
     if isinstance(tasks, str):
         task_list = tasks_lib.resolve(tasks, seed=task_seed) if task_seed else tasks_lib.resolve(tasks)
@@ -500,7 +557,7 @@ def run_eval(models: Sequence[str | ModelSpec], tasks: str | Sequence[str | Task
     if shots is not None and shots < 0:
         raise UsageError(f"shots must be >= 0, got {shots}")
     opts = EvalOptions(split=split, limit=limit, task_seed=task_seed, shots=shots, concurrency=concurrency,
-                       show_progress=show_progress)
+                       show_progress=show_progress, samples=samples, temperature=temperature)
     spec_text = {s.name: (f"openai:{s.target}@{s.model}" if s.kind == "openai" else s.target) for s in specs}
     try:
         results = asyncio.run(evaluate(providers, task_list, cache=store, opts=opts, judge=judge_provider,

@@ -124,7 +124,8 @@ def sampled_score(model, tok, task_name: str, limit: int, k: int, temperature: f
 
 def muse_eval(out: Path, args) -> dict:
     """pass@1 of the baseline and of every finished arm by `muse eval --style chat`'s run_eval, zero-shot
-    (the task with fewshot k=0: `muse eval` itself asks the task's k shots), greedy, no response cache."""
+    (the task with fewshot k=0: `muse eval` itself asks the task's k shots), greedy, no response cache; with
+    --score-samples k also `muse eval --samples k --temperature T`'s sampled pass@1 and pass@k."""
     import dataclasses
 
     import muse.tasks as tasks_lib
@@ -147,6 +148,14 @@ def muse_eval(out: Path, args) -> dict:
         res[name] = {"checkpoint": path, "metric": metric, "value": m["value"], "stderr": m["stderr"],
                      "n": row.get("n", row.get("samples")), "s": round(time.perf_counter() - t0, 1)}
         print(f"muse eval {name}: {m['value']:.3f} +- {m['stderr']:.3f}", file=sys.stderr, flush=True)
+        if args.score_samples:
+            k, temp = args.score_samples, args.score_temperature or args.temperature
+            r = run_eval([path], [task0], limit=args.limit, style="chat", cache=False, show_progress=False,
+                         stage=stage, samples=k, temperature=temp)
+            ms = next(iter(r.data["results"][task.name].values()))["metrics"]
+            res[name]["sampled"] = {"k": k, "temperature": temp, **{x: ms[x] for x in (metric, f"pass@{k}") if x in ms}}
+            print(f"muse eval {name}, {k} samples at T {temp}: {ms[metric]['value']:.3f} +- {ms[metric]['stderr']:.3f}",
+                  file=sys.stderr, flush=True)
     return res
 
 

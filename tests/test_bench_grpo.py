@@ -84,7 +84,7 @@ def _argv(sft_ckpt, out: Path, *extra: str) -> list[str]:
 def test_the_arms_end_to_end_on_a_tiny_run(sft_ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MUSE_NO_PROGRESS", "1")
     out = tmp_path / "out"
-    code = _bench().main(_argv(sft_ckpt, out, "--arms", "baseline,grpo,sft,headroom", "--grpo-steps", "2",
+    code = _bench().main(_argv(sft_ckpt, out, "--arms", "baseline,grpo,sft,headroom,eval", "--grpo-steps", "2",
                                "--sft-steps", "2", "--minutes", "5", "--headroom-limit", "2", "--headroom-k", "3",
                                "--grpo-set", "max_new_tokens=8", "--grpo-set", "drop_equal_groups=true",
                                "--batch-tokens", "1024", "--score-samples", "3"))
@@ -109,6 +109,12 @@ def test_the_arms_end_to_end_on_a_tiny_run(sft_ckpt, tmp_path, capsys, monkeypat
     assert "| GRPO |" in stdout and "| A: SFT continued |" in stdout
     assert grpo["sampled"]["k"] == 3 and "gain_pts" in grpo["sampled"] and "sampled pass@1 (k=3, T=1.0)" in stdout
     assert sft["final_val"]["step"] == 2 and "val_loss" in sft["final_val"]  # control A's last validation losses
+    ev = summary["muse_eval"]  # the same checkpoints through `muse eval`, greedy and --samples 3
+    assert set(ev) == {"baseline", "grpo", "sft"} and ev["grpo"]["n"] == 3
+    assert ev["baseline"]["value"] == pytest.approx(base["pass1"])  # greedy: the same replies as taskscore's
+    smp = ev["grpo"]["sampled"]
+    metric = ev["grpo"]["metric"]
+    assert smp["k"] == 3 and 0 <= smp[metric]["value"] <= smp["pass@3"]["value"] <= 1
 
 
 def test_rejection_sampling_with_no_right_reply_is_a_one_line_error(sft_ckpt, tmp_path, capsys, monkeypatch):

@@ -95,26 +95,23 @@ def test_ladder_trains_fits_and_reports(reference):
     assert "| 3e9-d1 |" in (run / "ladder" / "report.md").read_text()
 
 
-def test_jobs_2_gives_the_same_ladder_json(prepared, reference, tmp_path, muse):
-    run = _copy(prepared, tmp_path, "j2")
-    code, out, err = muse("ladder", str(run), *ARGS, "--jobs", "2")
-    assert code == 0, err
-    assert json.loads((run / "ladder" / "ladder.json").read_text()) == reference[1]
-
-
-def test_killed_ladder_resumes_without_retraining_finished_runs(prepared, reference, tmp_path, muse, monkeypatch):
+def test_killed_ladder_resumes_without_retraining_finished_runs_and_jobs_2_gives_the_same_json(
+        prepared, reference, tmp_path, muse, monkeypatch):
+    """Both invocations run with --jobs 2 (two processes at once), so the final comparison with the --jobs 1
+    reference checks both: a resumed ladder and a --jobs 2 ladder write the same ladder.json (one ladder of
+    6 runs fewer than a separate --jobs 2 test)."""
     run = _copy(prepared, tmp_path, "killed")
     # The loop's fault hook stands in for a kill: every run with 40+ steps dies before step 40, after its
     # checkpoints (d1: 50 and 100 steps, saved every 13 and 25); the d2 and d3 runs (3-16 steps) finish.
     monkeypatch.setenv("MUSE_FAULT_AT_STEP", "40")
-    code, out, err = muse("ladder", str(run), *ARGS)
+    code, out, err = muse("ladder", str(run), *ARGS, "--jobs", "2")
     assert code == 1 and "2 ladder run(s) failed" in err and "3e9-d1" in err and "rerun the same command" in err
     assert "Traceback" not in err
     finished = {n: sorted(p.name for p in (run / "ladder" / n / "base").glob("step_*"))
                 for n in ("3e9-d2", "3e9-d3", "6e9-d2", "6e9-d3")}
     mtimes = {n: (run / "ladder" / n / "base" / "metrics.jsonl").stat().st_mtime_ns for n in finished}
     monkeypatch.delenv("MUSE_FAULT_AT_STEP")
-    code, out, err = muse("ladder", str(run), *ARGS)
+    code, out, err = muse("ladder", str(run), *ARGS, "--jobs", "2")
     assert code == 0, err
     assert "(2 trained now, 4 kept)" in out
     for n, steps in finished.items():  # untouched: no new checkpoint, no new metrics row
@@ -122,7 +119,7 @@ def test_killed_ladder_resumes_without_retraining_finished_runs(prepared, refere
         assert (run / "ladder" / n / "base" / "metrics.jsonl").stat().st_mtime_ns == mtimes[n]
     for n in ("3e9-d1", "6e9-d1"):
         assert "resumed from" in (run / "ladder" / n / "train.log").read_text()
-    assert json.loads((run / "ladder" / "ladder.json").read_text()) == reference[1]  # resumed exactly
+    assert json.loads((run / "ladder" / "ladder.json").read_text()) == reference[1]  # resumed exactly, --jobs 2 == 1
 
 
 def test_print_commands_lists_the_runs_left(prepared, reference, tmp_path, muse):

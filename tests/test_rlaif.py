@@ -286,6 +286,28 @@ def test_checks_pairs_revised_over_original_and_best_over_worst():
     assert same["pairs"] == []  # nothing differs: no pair (DPO refuses identical chosen and rejected)
 
 
+def test_best_vs_rest_pairs_every_best_sample_over_every_lower_one():
+    import asyncio
+
+    c = load_constitution()
+    # two compliant replies (one twice), two failing ones: 2 distinct best x 2 lower = 4 sample pairs
+    replies = ["A fine reply.", "HAMLET: a reply", "Another fine reply.", "A fine reply.", "A fine reply, and"]
+    msg = {"id": "p", "messages": [{"role": "user", "content": "hi"}]}
+    rec = asyncio.run(Worker(RLAIFConfig(samples=5, pairing="best_vs_rest"), c, Scripted(replies), None)(msg))
+    rest = [(p["chosen"], p["rejected"]) for p in rec["pairs"] if p["kind"] == "best_vs_rest"]
+    assert sorted(rest) == sorted((b, w) for b in ("A fine reply.", "Another fine reply.")
+                                  for w in ("HAMLET: a reply", "A fine reply, and"))
+    assert all(p["scores"]["chosen"] == 1.0 > p["scores"]["rejected"] for p in rec["pairs"] if p["kind"] == "best_vs_rest")
+    assert sum(p["kind"] == "revision" for p in rec["pairs"]) == 2 and not any(p["kind"] == "best_vs_worst" for p in rec["pairs"])
+    # the default on the same replies: one sample pair, the best over the worst
+    rec = asyncio.run(Worker(RLAIFConfig(samples=5), c, Scripted(replies), None)(msg))
+    assert [p["kind"] for p in rec["pairs"]].count("best_vs_worst") == 1 and not any(p["kind"] == "best_vs_rest" for p in rec["pairs"])
+    from muse.common.errors import UsageError
+
+    with pytest.raises(UsageError, match="--pairing must be one of best-vs-worst, best-vs-rest"):
+        RLAIFConfig(pairing="everything").check()
+
+
 # --- end to end on a tiny model ---------------------------------------------------------------------------------
 
 
@@ -352,6 +374,13 @@ def test_rlaif_with_checks_end_to_end_killed_and_resumed(policy_run, tmp_path):
         run_rlaif(RLAIFConfig(**{**base, "samples": 2}), run)
     fresh = run_rlaif(RLAIFConfig(**{**base, "samples": 2}, force=True, cache=False), run)
     assert (fresh["prompts_this_run"], fresh["samples"]) == (6, 12)
+    # the pairing is a setting too, both ways (the default is not written, so older runs still resume)
+    base2 = {**base, "samples": 2, "cache": False}
+    with pytest.raises(UsageError, match="another pairing .*pass --force"):
+        run_rlaif(RLAIFConfig(**base2, pairing="best_vs_rest"), run)
+    run_rlaif(RLAIFConfig(**base2, pairing="best_vs_rest", force=True), run)
+    with pytest.raises(UsageError, match="another pairing .*pass --force"):
+        run_rlaif(RLAIFConfig(**base2), run)
 
 
 def test_rlaif_against_a_live_muse_serve_critic(policy_run, tiny_tok, tmp_path, monkeypatch):

@@ -13,7 +13,9 @@ sample, so a rerun draws the same ones). Then the critic:
              checked principles it meets (judged against the prompt's last user message, for the
              principles that read it), its critique the failed ones with reasons, its revision the
              principles' programmatic fixes. Pairs: revised over original where the revision scores
-             higher; the best over the worst of the samples where their scores differ.
+             higher; the best over the worst of the samples where their scores differ (`pairing`
+             "best_vs_worst", the default), or every best-scored sample over every lower-scored one
+             ("best_vs_rest": up to (samples - 1) pairs a prompt instead of one).
     policy   the policy itself, or
     NAME=openai:BASE_URL@MODEL (key from --api-key-env, MUSE_CRITIC_API_KEY by default), or a checkpoint:
              `revisions` rounds of critique -> revision per response, each with a principle drawn at random
@@ -28,7 +30,7 @@ killed run started again skips the finished prompts and pays for no answer it al
 with other settings (policy, constitution, critic, samples...) refuses to mix them in (pass force).
 
 Outputs (atomic): RUN/rlaif/pairs.jsonl, one pair per line: {"prompt" or "messages", "chosen", "rejected",
-"kind": "revision" | "best_vs_worst", "prompt_id", "critique", "scores"} (the critique text kept for
+"kind": "revision" | "best_vs_worst" | "best_vs_rest", "prompt_id", "critique", "scores"} (the critique text kept for
 inspection); RUN/rlaif/summary.json (counts, pass rates per principle, skips; docs/posttrain.md).
 
 What it does not know: training on the pairs (muse.posttrain.dpo / rm; the CLI calls them), HTTP
@@ -67,6 +69,7 @@ from muse.tasks.spec import check_messages
 
 log = get_logger("muse.posttrain")
 
+PAIRINGS = ("best_vs_worst", "best_vs_rest")
 JOURNAL, PAIRS, SUMMARY, SETTINGS, CACHE = "journal.jsonl", "pairs.jsonl", "summary.json", "settings.json", "cache.sqlite3"
 
 
@@ -79,6 +82,11 @@ class RLAIFConfig:
     max_tokens: int = 64              # per response (the compliance task's limit)
     temperature: float = 1.0
     seed: int = 0
+    # best_vs_worst: one sample pair a prompt, its best over its worst; best_vs_rest: every sample with the
+    # prompt's best score (or most comparison wins) over every sample below it. On the sample constitution the
+    # failures are mostly one principle (on_topic), and a prompt's one on-topic sample over each of the others
+    # is what moved compliance (BENCHMARKS.md section 11).
+    pairing: str = "best_vs_worst"
     policy: str | None = None         # checkpoint or run; None = RUN's sft
     critic: str = "checks"            # checks | policy | NAME=openai:URL@MODEL | a checkpoint
     revisions: int = 1                # critique-revision rounds per response (model critics)
@@ -97,6 +105,9 @@ class RLAIFConfig:
         for name in ("max_tokens", "critic_max_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.pairing not in PAIRINGS:
+            raise UsageError(f"--pairing must be one of {', '.join(p.replace('_', '-') for p in PAIRINGS)}, "
+                             f"got {self.pairing.replace('_', '-')!r}")
         if self.revisions < 0 or (self.limit is not None and self.limit < 1) or self.temperature < 0:
             raise UsageError("revisions must be >= 0, limit >= 1 and temperature >= 0")
 
@@ -324,19 +335,33 @@ class Worker:
                 if c["winner"] is not None:
                     rank[c["winner"]] += 1
             why = "won {:g} vs {:g} comparisons"
-        if len(rank) >= 2:
-            texts = {s["index"]: s for s in samples}
-            best = max(rank, key=lambda i: (rank[i], -i))
-            worst = min(rank, key=lambda i: (rank[i], i))
-            b, w = texts[best], texts[worst]
-            if rank[best] > rank[worst] and b["text"].strip() != w["text"].strip():
-                critique = why.format(rank[best], rank[worst])
-                if not by_checks:
-                    critique += "\n" + "\n".join(c["answer"] for c in comparisons
-                                                 if {c["a"], c["b"]} == {best, worst} and c["winner"] is not None)
-                out.append({**base, "chosen": b["text"], "rejected": w["text"], "kind": "best_vs_worst",
-                            "prompt_id": prompt["id"], "critique": critique.strip(),
-                            "scores": {"chosen": b["score"], "rejected": w["score"]}})
+        if len(rank) < 2:
+            return out
+        texts = {s["index"]: s for s in samples}
+
+        def pair(i: int, j: int, kind: str) -> dict:
+            b, w = texts[i], texts[j]
+            critique = why.format(rank[i], rank[j])
+            if not by_checks:
+                critique += "\n" + "\n".join(c["answer"] for c in comparisons
+                                             if {c["a"], c["b"]} == {i, j} and c["winner"] is not None)
+            return {**base, "chosen": b["text"], "rejected": w["text"], "kind": kind, "prompt_id": prompt["id"],
+                    "critique": critique.strip(), "scores": {"chosen": b["score"], "rejected": w["score"]}}
+
+        if self.cfg.pairing == "best_vs_rest":
+            top, seen = max(rank.values()), set()
+            for i in sorted(rank):
+                text = texts[i]["text"].strip()
+                if rank[i] < top or text in seen:
+                    continue
+                seen.add(text)
+                out += [pair(i, j, "best_vs_rest") for j in sorted(rank)
+                        if rank[j] < top and texts[j]["text"].strip() != text]
+            return out
+        best = max(rank, key=lambda i: (rank[i], -i))
+        worst = min(rank, key=lambda i: (rank[i], i))
+        if rank[best] > rank[worst] and texts[best]["text"].strip() != texts[worst]["text"].strip():
+            out.append(pair(best, worst, "best_vs_worst"))
         return out
 
 
@@ -396,7 +421,8 @@ def _settings(cfg: RLAIFConfig, constitution: Constitution, policy: Path, critic
     return {"policy": str(policy.resolve()), "policy_manifest": file_sha256(policy / MANIFEST),
             "constitution": constitution.sha256, "critic": critic_id, "prompts": prompts,
             **{k: getattr(cfg, k) for k in ("samples", "max_tokens", "temperature", "seed", "revisions",
-                                            "critic_max_tokens")}}
+                                            "critic_max_tokens")},
+            **({"pairing": cfg.pairing} if cfg.pairing != "best_vs_worst" else {})}
 
 
 def _check_settings(out: Path, settings: dict, force: bool) -> None:
@@ -406,10 +432,10 @@ def _check_settings(out: Path, settings: dict, force: bool) -> None:
             (out / name).unlink(missing_ok=True)
     elif path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        changed = [k for k in settings if old.get(k) != settings[k]]
+        changed = [k for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
         if changed:
             k = changed[0]
-            raise UsageError(f"{out} holds work made with another {k} ({old.get(k)!r}, now {settings[k]!r}); "
+            raise UsageError(f"{out} holds work made with another {k} ({old.get(k)!r}, now {settings.get(k)!r}); "
                              "pass --force to start over")
     atomic_write_json(path, settings)
 
@@ -511,7 +537,8 @@ def summarize(records: list[dict], constitution: Constitution, settings: dict, s
                                      "revisions": rate(revised, "revised_failed", name)} for name in checked},
         },
         "pairs": {"total": len(pairs), "revision": sum(p["kind"] == "revision" for p in pairs),
-                  "best_vs_worst": sum(p["kind"] == "best_vs_worst" for p in pairs)},
+                  "best_vs_worst": sum(p["kind"] == "best_vs_worst" for p in pairs),
+                  "best_vs_rest": sum(p["kind"] == "best_vs_rest" for p in pairs)},
         "labels": {"comparisons": len(comparisons), "unparseable": sum(r["unparseable"] for r in records)},
         "skipped": {
             "unparseable_labels": sum(r["unparseable"] for r in records),

@@ -286,26 +286,33 @@ def test_checks_pairs_revised_over_original_and_best_over_worst():
     assert same["pairs"] == []  # nothing differs: no pair (DPO refuses identical chosen and rejected)
 
 
-def test_best_vs_rest_pairs_every_best_sample_over_every_lower_one():
+def test_compliant_vs_rest_pairs_every_compliant_sample_over_every_other():
     import asyncio
 
-    c = load_constitution()
-    # two compliant replies (one twice), two failing ones: 2 distinct best x 2 lower = 4 sample pairs
-    replies = ["A fine reply.", "HAMLET: a reply", "Another fine reply.", "A fine reply.", "A fine reply, and"]
-    msg = {"id": "p", "messages": [{"role": "user", "content": "hi"}]}
-    rec = asyncio.run(Worker(RLAIFConfig(samples=5, pairing="best_vs_rest"), c, Scripted(replies), None)(msg))
-    rest = [(p["chosen"], p["rejected"]) for p in rec["pairs"] if p["kind"] == "best_vs_rest"]
-    assert sorted(rest) == sorted((b, w) for b in ("A fine reply.", "Another fine reply.")
-                                  for w in ("HAMLET: a reply", "A fine reply, and"))
-    assert all(p["scores"]["chosen"] == 1.0 > p["scores"]["rejected"] for p in rec["pairs"] if p["kind"] == "best_vs_rest")
-    assert sum(p["kind"] == "revision" for p in rec["pairs"]) == 2 and not any(p["kind"] == "best_vs_worst" for p in rec["pairs"])
-    # the default on the same replies: one sample pair, the best over the worst
-    rec = asyncio.run(Worker(RLAIFConfig(samples=5), c, Scripted(replies), None)(msg))
-    assert [p["kind"] for p in rec["pairs"]].count("best_vs_worst") == 1 and not any(p["kind"] == "best_vs_rest" for p in rec["pairs"])
     from muse.common.errors import UsageError
 
-    with pytest.raises(UsageError, match="--pairing must be one of best-vs-worst, best-vs-rest"):
+    c = load_constitution()
+    # two compliant replies (one twice), two failing ones: 2 distinct compliant x 2 others = 4 sample pairs
+    replies = ["A fine reply.", "HAMLET: a reply", "Another fine reply.", "A fine reply.", "A fine reply, and"]
+    msg = {"id": "p", "messages": [{"role": "user", "content": "hi"}]}
+    cfg = RLAIFConfig(samples=5, pairing="compliant_vs_rest")
+    rec = asyncio.run(Worker(cfg, c, Scripted(replies), None)(msg))
+    rest = [(p["chosen"], p["rejected"]) for p in rec["pairs"] if p["kind"] == "compliant_vs_rest"]
+    assert sorted(rest) == sorted((b, w) for b in ("A fine reply.", "Another fine reply.")
+                                  for w in ("HAMLET: a reply", "A fine reply, and"))
+    assert all(p["scores"]["chosen"] == 1.0 > p["scores"]["rejected"] for p in rec["pairs"] if p["kind"] == "compliant_vs_rest")
+    assert sum(p["kind"] == "revision" for p in rec["pairs"]) == 2 and not any(p["kind"] == "best_vs_worst" for p in rec["pairs"])
+    # no compliant sample: the revisions only (not the best of the partly compliant ones)
+    three = RLAIFConfig(samples=3, pairing="compliant_vs_rest")
+    rec = asyncio.run(Worker(three, c, Scripted(["HAMLET: a reply", "A fine reply, and", "NO."]), None)(msg))
+    assert rec["pairs"] and all(p["kind"] == "revision" for p in rec["pairs"])
+    # the default on the same replies: one sample pair, the best over the worst
+    rec = asyncio.run(Worker(RLAIFConfig(samples=5), c, Scripted(replies), None)(msg))
+    assert [p["kind"] for p in rec["pairs"]].count("best_vs_worst") == 1 and not any(p["kind"] == "compliant_vs_rest" for p in rec["pairs"])
+    with pytest.raises(UsageError, match="--pairing must be one of best-vs-worst, compliant-vs-rest"):
         RLAIFConfig(pairing="everything").check()
+    with pytest.raises(UsageError, match="pairs by the programmatic checks: use it with --critic checks"):
+        RLAIFConfig(pairing="compliant_vs_rest", critic="policy").check()
 
 
 # --- end to end on a tiny model ---------------------------------------------------------------------------------
@@ -377,8 +384,8 @@ def test_rlaif_with_checks_end_to_end_killed_and_resumed(policy_run, tmp_path):
     # the pairing is a setting too, both ways (the default is not written, so older runs still resume)
     base2 = {**base, "samples": 2, "cache": False}
     with pytest.raises(UsageError, match="another pairing .*pass --force"):
-        run_rlaif(RLAIFConfig(**base2, pairing="best_vs_rest"), run)
-    run_rlaif(RLAIFConfig(**base2, pairing="best_vs_rest", force=True), run)
+        run_rlaif(RLAIFConfig(**base2, pairing="compliant_vs_rest"), run)
+    run_rlaif(RLAIFConfig(**base2, pairing="compliant_vs_rest", force=True), run)
     with pytest.raises(UsageError, match="another pairing .*pass --force"):
         run_rlaif(RLAIFConfig(**base2), run)
 

@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per response (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="policy sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pairing", choices=["best-vs-worst", "best-vs-rest"], default="best-vs-worst",
-                   help="sample pairs a prompt: its best over its worst (default), or every best-scored sample "
-                        "over every lower-scored one")
+    p.add_argument("--pairing", choices=["best-vs-worst", "compliant-vs-rest"], default="best-vs-worst",
+                   help="sample pairs a prompt: its best over its worst (default), or (checks critic) every sample "
+                        "meeting every checked principle over every sample that does not")
     p.add_argument("--policy", metavar="CKPT", help="checkpoint or run to sample from (default: RUN_DIR's sft)")
     p.add_argument("--revisions", type=int, default=1,
                    help="critique-revision rounds per response with a model critic (default 1)")
@@ -114,7 +114,7 @@ def _print(s: dict) -> None:
     failed = sum(skipped["failed_requests"].values())
     print(f"pairs: {s['pairs']['total']} ({s['pairs']['revision']} revised over original, "
           f"{s['pairs']['best_vs_worst']} best over worst"
-          + (f", {s['pairs']['best_vs_rest']} best over the rest" if s["pairs"].get("best_vs_rest") else "")
+          + (f", {s['pairs']['compliant_vs_rest']} compliant over the rest" if s["pairs"].get("compliant_vs_rest") else "")
           + f"); skipped: {skipped['unparseable_labels']} unparseable "
           f"labels, {failed} failed requests, {skipped['prompts_without_pair']} prompts without a pair")
     print(f"pairs file: {s['pairs_file']}")

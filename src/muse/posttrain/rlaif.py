@@ -14,8 +14,9 @@ sample, so a rerun draws the same ones). Then the critic:
              principles that read it), its critique the failed ones with reasons, its revision the
              principles' programmatic fixes. Pairs: revised over original where the revision scores
              higher; the best over the worst of the samples where their scores differ (`pairing`
-             "best_vs_worst", the default), or every best-scored sample over every lower-scored one
-             ("best_vs_rest": up to (samples - 1) pairs a prompt instead of one).
+             "best_vs_worst", the default), or every sample that meets every checked principle over
+             every sample that does not ("compliant_vs_rest": up to (samples - 1) pairs a prompt instead
+             of one, none where no sample complies).
     policy   the policy itself, or
     NAME=openai:BASE_URL@MODEL (key from --api-key-env, MUSE_CRITIC_API_KEY by default), or a checkpoint:
              `revisions` rounds of critique -> revision per response, each with a principle drawn at random
@@ -30,7 +31,7 @@ killed run started again skips the finished prompts and pays for no answer it al
 with other settings (policy, constitution, critic, samples...) refuses to mix them in (pass force).
 
 Outputs (atomic): RUN/rlaif/pairs.jsonl, one pair per line: {"prompt" or "messages", "chosen", "rejected",
-"kind": "revision" | "best_vs_worst" | "best_vs_rest", "prompt_id", "critique", "scores"} (the critique text kept for
+"kind": "revision" | "best_vs_worst" | "compliant_vs_rest", "prompt_id", "critique", "scores"} (the critique text kept for
 inspection); RUN/rlaif/summary.json (counts, pass rates per principle, skips; docs/posttrain.md).
 
 What it does not know: training on the pairs (muse.posttrain.dpo / rm; the CLI calls them), HTTP
@@ -69,7 +70,7 @@ from muse.tasks.spec import check_messages
 
 log = get_logger("muse.posttrain")
 
-PAIRINGS = ("best_vs_worst", "best_vs_rest")
+PAIRINGS = ("best_vs_worst", "compliant_vs_rest")
 JOURNAL, PAIRS, SUMMARY, SETTINGS, CACHE = "journal.jsonl", "pairs.jsonl", "summary.json", "settings.json", "cache.sqlite3"
 
 
@@ -82,10 +83,11 @@ class RLAIFConfig:
     max_tokens: int = 64              # per response (the compliance task's limit)
     temperature: float = 1.0
     seed: int = 0
-    # best_vs_worst: one sample pair a prompt, its best over its worst; best_vs_rest: every sample with the
-    # prompt's best score (or most comparison wins) over every sample below it. On the sample constitution the
-    # failures are mostly one principle (on_topic), and a prompt's one on-topic sample over each of the others
-    # is what moved compliance (BENCHMARKS.md section 11).
+    # best_vs_worst: one sample pair a prompt, its best over its worst; compliant_vs_rest (the checks critic
+    # only): every sample meeting every checked principle over every sample that does not. On the sample
+    # constitution the failures are mostly one principle (on_topic), and a prompt's on-topic sample over each
+    # of the others is what moved compliance; pairing the best of partly compliant samples too cost the
+    # identity task 17 points (BENCHMARKS.md section 11).
     pairing: str = "best_vs_worst"
     policy: str | None = None         # checkpoint or run; None = RUN's sft
     critic: str = "checks"            # checks | policy | NAME=openai:URL@MODEL | a checkpoint
@@ -108,6 +110,9 @@ class RLAIFConfig:
         if self.pairing not in PAIRINGS:
             raise UsageError(f"--pairing must be one of {', '.join(p.replace('_', '-') for p in PAIRINGS)}, "
                              f"got {self.pairing.replace('_', '-')!r}")
+        if self.pairing == "compliant_vs_rest" and self.critic != "checks":
+            raise UsageError("--pairing compliant-vs-rest pairs by the programmatic checks: use it with --critic checks "
+                             "(a model critic ranks by its comparisons: --pairing best-vs-worst)")
         if self.revisions < 0 or (self.limit is not None and self.limit < 1) or self.temperature < 0:
             raise UsageError("revisions must be >= 0, limit >= 1 and temperature >= 0")
 
@@ -348,15 +353,15 @@ class Worker:
             return {**base, "chosen": b["text"], "rejected": w["text"], "kind": kind, "prompt_id": prompt["id"],
                     "critique": critique.strip(), "scores": {"chosen": b["score"], "rejected": w["score"]}}
 
-        if self.cfg.pairing == "best_vs_rest":
-            top, seen = max(rank.values()), set()
+        if self.cfg.pairing == "compliant_vs_rest":  # (checks: rank is the share of principles met)
+            seen = set()
             for i in sorted(rank):
                 text = texts[i]["text"].strip()
-                if rank[i] < top or text in seen:
+                if rank[i] < 1.0 or text in seen:
                     continue
                 seen.add(text)
-                out += [pair(i, j, "best_vs_rest") for j in sorted(rank)
-                        if rank[j] < top and texts[j]["text"].strip() != text]
+                out += [pair(i, j, "compliant_vs_rest") for j in sorted(rank)
+                        if rank[j] < 1.0 and texts[j]["text"].strip() != text]
             return out
         best = max(rank, key=lambda i: (rank[i], -i))
         worst = min(rank, key=lambda i: (rank[i], i))
@@ -538,7 +543,7 @@ def summarize(records: list[dict], constitution: Constitution, settings: dict, s
         },
         "pairs": {"total": len(pairs), "revision": sum(p["kind"] == "revision" for p in pairs),
                   "best_vs_worst": sum(p["kind"] == "best_vs_worst" for p in pairs),
-                  "best_vs_rest": sum(p["kind"] == "best_vs_rest" for p in pairs)},
+                  "compliant_vs_rest": sum(p["kind"] == "compliant_vs_rest" for p in pairs)},
         "labels": {"comparisons": len(comparisons), "unparseable": sum(r["unparseable"] for r in records)},
         "skipped": {
             "unparseable_labels": sum(r["unparseable"] for r in records),

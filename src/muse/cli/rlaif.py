@@ -72,7 +72,8 @@ def run(args) -> int:
 
     cfg = RLAIFConfig(constitution=args.constitution, prompts=args.prompts, limit=args.limit or None,
                       samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
-                      seed=args.seed, pairing=args.pairing.replace("-", "_"), policy=args.policy, critic=args.critic, revisions=args.revisions,
+                      seed=args.seed, pairing=args.pairing.replace("-", "_"), policy=args.policy, critic=args.critic,
+                      revisions=args.revisions,
                       critic_max_tokens=args.critic_max_tokens, concurrency=args.concurrency,
                       api_key_env=args.api_key_env, cache=False if args.no_cache else (args.cache or True),
                       device=args.device, force=args.force)

@@ -118,6 +118,7 @@ class DecodeStep:
         starts = [lo for lo, _, _ in self.runs]
         owner = [0] * R        # score row -> the sequence whose query scores it (unused blocks: 0)
         table: list[int] = []  # (B, nb) score rows of each sequence's blocks (padding: 0, masked)
+        blocks: list[int] = []  # (B, nb) pool blocks of each sequence (padding: block 0, weighed 0)
         slots = []
         for j, (s, n) in enumerate(zip(spans, nbs)):
             bids = s.block_ids
@@ -129,6 +130,8 @@ class DecodeStep:
                 owner[b + shift] = j
                 table.append(b + shift)
             table.extend([0] * (nb - n))
+            blocks.extend(bids[:n])
+            blocks.extend([0] * (nb - n))
             slots.append(bids[s.start // bs] * bs + s.start % bs)
         S = nb * bs
         self.positions = long_tensor([s.start for s in spans], dev)
@@ -142,8 +145,7 @@ class DecodeStep:
         self.bias = torch.zeros(B, S, device=dev).masked_fill_(key[None] >= ctx[:, None], float("-inf")).view(B, 1, S)
         # embedding_bag rows over the flattened value pool (Hkv * num_blocks * bs, D): one bag of S slots
         # per (head, sequence); padding slots read the range's first slot with weight 0
-        abs_blocks = long_tensor([b for s, n in zip(spans, nbs) for b in list(s.block_ids[:n]) + [0] * (nb - n)],
-                                 dev).view(B, nb)
+        abs_blocks = long_tensor(blocks, dev).view(B, nb)
         slot = (abs_blocks[:, :, None] * bs + torch.arange(bs, device=dev)).view(1, B, S)
         heads = torch.arange(pool.n_kv_head, device=dev)[:, None, None] * (pool.num_blocks * bs)
         self.rows = heads + slot                                                   # (Hkv, B, S)

@@ -82,9 +82,6 @@ def _default_out(specs) -> Path:
 def run(args) -> int:
     from muse.common.errors import UsageError
     from muse.eval import check_gate, load_gate, parse_model_spec, results_table, run_eval
-    from muse.eval.runner import check_sampling
-
-    check_sampling(args.samples, args.temperature)
     for flag in ("limit", "concurrency"):
         v = getattr(args, flag)
         if v is not None and v < 1:

@@ -185,39 +185,38 @@ def task_prompts(spec: str, limit: int | None) -> list[dict]:
 def load_prompts(path: str | None, limit: int | None) -> list[dict]:
     """[{"id", "messages", "prompt"?}] from a JSONL file, or "task:NAME[=SHARE],..." (the tasks' train
     splits, interleaved by share); None = DEFAULT_PROMPT_TASKS."""
-    out: list[dict] = []
     if path is None or str(path).startswith("task:"):
         return task_prompts(path or DEFAULT_PROMPT_TASKS, limit)
-    else:
-        p = Path(path)
+    out: list[dict] = []
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read prompts {p}: {e}") from None
+    seen = set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read prompts {p}: {e}") from None
-        seen = set()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-                    messages, keep = [{"role": "user", "content": row["prompt"]}], {"prompt": row["prompt"]}
-                elif row.get("messages") is not None:
-                    messages, keep = [dict(m) for m in check_messages(row["messages"])], {}
-                    if messages[-1]["role"] != "user":
-                        raise ValueError("the last message must be the user's: the policy answers it")
-                else:
-                    raise ValueError("no 'prompt' (a non-empty string) or 'messages' field")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                raise DataError(f"{p}:{n}: {e}") from None
-            pid = _prompt_id(messages)
-            if pid not in seen:
-                seen.add(pid)
-                out.append({"id": pid, "messages": messages, **keep})
-        if not out:
-            raise DataError(f"{p} holds no prompts; write one JSON object per line: {{\"prompt\": \"...\"}}")
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+                messages, keep = [{"role": "user", "content": row["prompt"]}], {"prompt": row["prompt"]}
+            elif row.get("messages") is not None:
+                messages, keep = [dict(m) for m in check_messages(row["messages"])], {}
+                if messages[-1]["role"] != "user":
+                    raise ValueError("the last message must be the user's: the policy answers it")
+            else:
+                raise ValueError("no 'prompt' (a non-empty string) or 'messages' field")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise DataError(f"{p}:{n}: {e}") from None
+        pid = _prompt_id(messages)
+        if pid not in seen:
+            seen.add(pid)
+            out.append({"id": pid, "messages": messages, **keep})
+    if not out:
+        raise DataError(f"{p} holds no prompts; write one JSON object per line: {{\"prompt\": \"...\"}}")
     return out[:limit] if limit else out
 
 

@@ -197,6 +197,68 @@ def test_policy_equal_to_reference_gives_log_2(pref_run, tmp_path):
     assert (counts > 1).all() and (logp < 0).all()
 
 
+@pytest.fixture
+def ptx_run(tiny_run_with_model, tmp_path):
+    """A run with prepared plays-like text (RUN/data) and a tiny base model of its tokenizer, and preferences."""
+    run, _ = tiny_run_with_model("dpo_ptx", "base", 1)
+    return run, write_prefs(tmp_path / "prefs.jsonl")
+
+
+@pytest.mark.parametrize("mixture", ["", "spelling"])
+def test_the_ptx_term_adds_the_anchor_nll_per_target_token(ptx_run, tmp_path, mixture):
+    """Per pair: + ptx_weight x the anchor rows' NLL per target token, by hand; the anchor is the run's text by
+    default, or a mixture file read as muse sft reads it (a task's replies only count, plus the text share)."""
+    run, prefs = ptx_run
+    flags = {"ptx_weight": 0.5, "ptx_tokens": 1024}
+    if mixture:
+        mix = tmp_path / "mix.toml"
+        mix.write_text(f'[[source]]\ntask = "{mixture}"\n', encoding="utf-8")
+        flags["ptx_mixture"] = str(mix)
+    obj = _objective(run, prefs, loss="dpo", beta=0.5, **flags)
+    policy = _setup(obj, tmp_path)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batches = [obj.next_batch() for _ in range(6)]
+    for batch in batches:
+        x, y, tx, ty, targets = batch.inputs
+        assert targets == int((ty != -1).sum()) > 0 and tx.shape[1] <= obj.seq_len
+        with torch.no_grad():
+            total = obj.loss(policy, batch)
+            pair_losses, _, _ = obj._pair_losses(policy, x, y)
+            logp = torch.log_softmax(policy(tx).double(), -1)
+        keep = ty != -1
+        nll = -logp.gather(-1, ty.clamp(min=0)[..., None])[..., 0][keep].mean()
+        assert abs(float(total) - (float(pair_losses.sum()) + 0.5 * batch.loss_units * float(nll))) < 1e-4
+    masked = [bool((b.inputs[3] == -1).any()) for b in batches]  # a chat row trains on its replies only
+    assert any(masked) if mixture else not any(masked)
+    metrics = obj.step_metrics()
+    assert {"ptx_loss", "chosen_reward", "accuracy"} <= metrics.keys() and 0 < metrics["ptx_loss"] < 20
+    policy.eval()
+    with torch.no_grad():
+        evals = obj.evaluate(policy)
+    assert 0 < evals["val_bpb"] < 20 and "val_accuracy" in evals  # both mixtures read the plays (text share)
+
+
+def test_ptx_settings_are_checked_with_one_line_errors(pref_run, ptx_run, capsys, tmp_path):
+    run, prefs = pref_run  # no RUN/data
+    assert main(["dpo", str(run), "--data", str(prefs), "--ptx-weight", "1", *TINY, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = err.strip().splitlines()[-1]  # after the data's INFO line: one line
+    assert err.startswith("muse dpo: error: ") and "holds no shards made with the policy's tokenizer" in err, err
+    with pytest.raises(ConfigError, match="give ptx_weight > 0 as well"):
+        load_dpo_config(None, {"data": (str(prefs),), "ptx_mixture": "mix.toml"})
+    with pytest.raises(ConfigError, match="ptx_weight must be >= 0"):
+        load_dpo_config(None, {"data": (str(prefs),), "ptx_weight": -0.5})
+    run, prefs = ptx_run
+    with pytest.raises(ConfigError, match="cannot hold one row of 256 tokens"):
+        _objective(run, prefs, ptx_weight=1.0, ptx_tokens=100)
+    (tmp_path / "bad.toml").write_text('[[source]]\ntask = "spelling"\nflavour = 1\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown key 'flavour'"):
+        _objective(run, prefs, ptx_weight=1.0, ptx_mixture=str(tmp_path / "bad.toml"))
+
+
 # --- preference data --------------------------------------------------------------------------------
 
 
@@ -295,11 +357,11 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.timeout(600)  # ~20 s on an idle 2-core machine; three processes start, so allow for a busy one
-def test_dpo_resume_after_sigkill_is_bit_identical(pref_run, tmp_path):
-    run, prefs = pref_run
+def test_dpo_resume_after_sigkill_is_bit_identical(ptx_run, tmp_path):
+    run, prefs = ptx_run  # with the ptx anchor: its stream resumes too
     ref = tmp_path / "ref"
     shutil.copytree(run, ref)
-    steps = ["--max-steps", "12", "--save-every", "3"]
+    steps = ["--max-steps", "12", "--save-every", "3", "--ptx-weight", "0.5", "--set", "ptx_tokens=512"]
     subprocess.run(_cmd(ref, prefs, *steps), check=True, env=_env(), capture_output=True)
     expected = _losses(ref)
     assert sorted(expected) == list(range(1, 13))
@@ -322,5 +384,7 @@ def test_dpo_resume_after_sigkill_is_bit_identical(pref_run, tmp_path):
     assert sorted(got) == list(range(1, 13))
     for step in range(killed_at // 3 * 3 + 1, 13):
         assert got[step] == expected[step], f"step {step}: {got[step]!r} != {expected[step]!r}"
-    val = lambda r: [m["val_margin"] for m in read_metrics(r / "dpo" / "metrics.jsonl") if "val_margin" in m]  # noqa: E731
+    val = lambda r: [(m["val_margin"], m["val_bpb"]) for m in read_metrics(r / "dpo" / "metrics.jsonl") if "val_margin" in m]  # noqa: E731
     assert val(run)[-1] == val(ref)[-1]
+    ptx = lambda r: {m["step"]: m["ptx_loss"] for m in read_metrics(r / "dpo" / "metrics.jsonl") if "ptx_loss" in m}  # noqa: E731
+    assert ptx(run)[12] == ptx(ref)[12]

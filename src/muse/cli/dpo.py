@@ -4,7 +4,8 @@ The data is one or more preference JSONL files (--data FILE, or FILE*WEIGHT to d
 times as often), one pair per line: {"prompt", "chosen", "rejected"} or {"messages", "chosen", "rejected"}
 (docs/posttrain.md, "Preference data"). The frozen reference is the starting checkpoint unless --ref names
 another; --loss simpo needs none. Metrics: RUN_DIR/dpo/metrics.jsonl (loss, pairs_per_s, chosen_reward,
-rejected_reward, margin and accuracy per log step; the same as val_* on the held-out pairs).
+rejected_reward, margin and accuracy per log step; the same as val_* on the held-out pairs; with --ptx-weight,
+ptx_loss per log step and val_bpb on the plays' val split).
 
 Settings resolve as defaults <- --config FILE.toml <- flags <- --set key=value, like `muse sft`, and the same
 --resume, --force, --nproc and progress output apply.
@@ -23,6 +24,7 @@ EXAMPLES = """examples:
   muse dpo runs/demo --data prefs.jsonl --beta 0.2 --max-steps 400
   muse dpo runs/demo --data prefs.jsonl --loss simpo          # reference-free, length-normalised
   muse dpo runs/demo --data prefs.jsonl --nll-weight 1        # + the chosen replies' NLL (RPO)
+  muse dpo runs/demo --data prefs.jsonl --ptx-weight 1       # + the plays' text NLL: limits drift (needs runs/demo/data)
   muse dpo runs/demo --data prefs.jsonl --ref runs/other/sft  # another frozen reference
   muse dpo runs/demo --data prefs.jsonl --resume              # continue after a crash or Ctrl-C
 """
@@ -38,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, help="inverse temperature (default: 0.1 for dpo and ipo, 2.0 for simpo)")
     p.add_argument("--nll-weight", type=float,
                    help="add this times the chosen reply's NLL per token to the loss (RPO; default 0: none)")
+    p.add_argument("--ptx-weight", type=float,
+                   help="add this times the NLL per token of the run's pretraining text (RUN_DIR/data) per pair; "
+                        "--set ptx_tokens=N sets the text tokens per micro-batch (default 0: no text)")
     p.add_argument("--config", help="TOML file of settings (same keys as --set)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. optim.matrix_lr=0.001 or gamma=0.5 (repeatable)")
@@ -55,7 +60,7 @@ def run(args) -> int:
     flags = {
         **loop_flags(args), "max_steps": args.max_steps, "seq_len": args.seq_len, "batch_tokens": args.batch_tokens,
         "micro_batches": args.micro_batches, "init_from": args.init_from, "ref": args.ref, "loss": args.loss,
-        "beta": args.beta, "nll_weight": args.nll_weight, "data": tuple(args.data) or None,
+        "beta": args.beta, "nll_weight": args.nll_weight, "ptx_weight": args.ptx_weight, "data": tuple(args.data) or None,
     }
     cfg = load_dpo_config(args.config, flags, args.set)
     loop = dpo_loop(cfg, args.run_dir, resume=args.resume, force=args.force)  # reads and checks the data first
@@ -65,7 +70,7 @@ def run(args) -> int:
     pairs = loop.objective.pairs
     summary = {
         "checkpoint": str(result.checkpoint) if result.checkpoint else None, "steps": result.steps,
-        "loss_kind": cfg.loss, "beta": cfg.beta, "nll_weight": cfg.nll_weight, "pairs": pairs, "tokens": result.tokens,
+        "loss_kind": cfg.loss, "beta": cfg.beta, "nll_weight": cfg.nll_weight, "ptx_weight": cfg.ptx_weight, "pairs": pairs, "tokens": result.tokens,
         "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
         "pairs_per_s": round(result.tokens_per_s * pairs / max(result.tokens, 1), 2),
         "final_loss": result.final_loss, **result.evals,

@@ -17,6 +17,16 @@ alone can rise by pushing both replies down, and the chosen reply's probability 
 one's; the NLL term holds the chosen replies up, which keeps the policy near its SFT start on the
 text it is good at (measured in BENCHMARKS.md section 11: other tasks and the plays' bpb drift less).
 
+An anchor (InstructGPT's "PPO-ptx", Ouyang et al. 2022, here on a preference loss): with `ptx_weight` > 0
+every micro-batch also reads up to `ptx_tokens` tokens of anchor data, and the loss gains, per pair,
+ptx_weight x that data's mean NLL per target token. The anchor data is the run's pretraining text (RUN/data's
+train split) by default, or `ptx_mixture`: a mixture file read exactly as `muse sft` reads it (its tasks,
+files and identity, plus the plays' text share when it lists no text source), so the SFT data itself can
+hold every skill SFT taught while the preferences move one. The NLL term above holds up the chosen
+replies; this holds up everything else the model could say. Drawn by the mixture stream, resumed exactly.
+Logged as ptx_loss with every train row, and val_bpb on the plays' val split at each evaluation when the
+anchor reads them (measured on RLAIF's pairs in BENCHMARKS.md section 11).
+
 `r` is each loss's implicit reward, logged as chosen_reward / rejected_reward / margin / accuracy (the
 share of pairs with r_c > r_r) with every train row (step_metrics) and as val_* on the held-out pairs.
 beta 0 means the loss's usual value: 0.1 for dpo and ipo, 2.0 for simpo (whose gamma defaults to 1.0,
@@ -37,6 +47,7 @@ What it does not know: resume, checkpoints, parallelism, optimizers (the loop's)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +59,10 @@ from torch import nn
 from muse.checkpoint import load_model_state, read_config, resolve_checkpoint
 from muse.common.errors import ConfigError
 from muse.common.logging import get_logger
+from muse.data import bytes_per_token
+from muse.data.chat import MixtureStream, collate
 from muse.model import ModelConfig, build_model, flops_per_token
+from muse.posttrain.mixture import SourceSpec, build_mixture, matching_data_dir, mixture_specs, text_val_loss
 from muse.posttrain.preference import PairConfig, PairObjective, PairRow, check_pair_config, lm_batch
 from muse.tokenizer import Tokenizer
 from muse.train.config import layer_overrides
@@ -108,6 +122,11 @@ class DPOConfig(PairConfig):
     beta: float = 0.0  # 0 = the loss's usual value (DEFAULT_BETA)
     gamma: float = 1.0  # simpo's target reward margin
     nll_weight: float = 0.0  # RPO: + nll_weight * the chosen reply's NLL per token (module docstring)
+    ptx_weight: float = 0.0  # + ptx_weight * the anchor data's mean NLL per target token, per pair
+    ptx_mixture: str = ""  # the anchor data: "" = the run's pretraining text; else a mixture TOML (muse sft's)
+    ptx_tokens: int = 2048  # padded anchor tokens per micro-batch (per process) when ptx_weight > 0
+    ptx_text_share: float = 0.25  # the plays' share of a ptx_mixture that lists no text source (as muse sft)
+    eval_batches: int = 8  # val shard batches of batch_tokens for val_bpb (when ptx_weight > 0)
 
 
 def load_dpo_config(config_file: str | Path | None = None, flags: dict | None = None,
@@ -120,6 +139,14 @@ def load_dpo_config(config_file: str | Path | None = None, flags: dict | None = 
         raise ConfigError(f"beta must be > 0 (or 0 for the loss's default), got {cfg.beta}")
     if not cfg.nll_weight >= 0:
         raise ConfigError(f"nll_weight must be >= 0 (0: no NLL term), got {cfg.nll_weight}")
+    if not cfg.ptx_weight >= 0:
+        raise ConfigError(f"ptx_weight must be >= 0 (0: no pretraining text), got {cfg.ptx_weight}")
+    if cfg.ptx_tokens <= 0 or cfg.eval_batches <= 0:
+        raise ConfigError(f"ptx_tokens and eval_batches must be positive, got {cfg.ptx_tokens}, {cfg.eval_batches}")
+    if not 0 <= cfg.ptx_text_share < 1:
+        raise ConfigError(f"ptx_text_share must be in [0, 1), got {cfg.ptx_text_share}")
+    if cfg.ptx_mixture and not cfg.ptx_weight:
+        raise ConfigError("ptx_mixture is the anchor's data, and ptx_weight is 0; give ptx_weight > 0 as well")
     cfg.beta = cfg.beta or DEFAULT_BETA[cfg.loss]
     return cfg
 
@@ -142,6 +169,24 @@ class DPO(PairObjective):
         elif cfg.ref:
             raise ConfigError("loss simpo has no reference model; drop --ref")
         self.ref: nn.Module | None = None
+        self.anchor, self.data_dir = self._anchor(cfg) if cfg.ptx_weight > 0 else (None, None)
+        self._ptx_acc: torch.Tensor | None = None  # [summed anchor NLL, target tokens] since the last log row
+
+    def _anchor(self, cfg: DPOConfig) -> tuple[MixtureStream, Path | None]:
+        """The ptx term's stream, and RUN/data when the anchor reads the plays (val_bpb)."""
+        data_dir = matching_data_dir(self.run_dir, self.tokenizer)
+        specs = mixture_specs(cfg.ptx_mixture, []) if cfg.ptx_mixture else [SourceSpec("text", "train", "text", 1.0)]
+        if data_dir is None and not cfg.ptx_mixture:
+            raise ConfigError(f"ptx_weight trains on the run's pretraining text, but {self.run_dir / 'data'} holds no "
+                              "shards made with the policy's tokenizer; run on the directory `muse prepare` filled, "
+                              "give --set ptx_mixture=FILE.toml, or drop ptx_weight")
+        if cfg.ptx_tokens < self.seq_len:
+            raise ConfigError(f"ptx_tokens {cfg.ptx_tokens} cannot hold one row of {self.seq_len} tokens; raise it")
+        mixture = build_mixture(specs, self.tokenizer, max_len=self.seq_len + 1, data_dir=data_dir,
+                                text_share=cfg.ptx_text_share if cfg.ptx_mixture else 0.0, eval_rows=0)
+        log.info("ptx anchor: %s", mixture.describe())
+        stream = MixtureStream(mixture.train, mixture.weights, batch_tokens=cfg.ptx_tokens, seed=cfg.seed)
+        return stream, (data_dir if mixture.text_val is not None else None)
 
     def setup(self, ctx: LoopContext, *, resuming: bool) -> nn.Module:
         model = build_model(self._model_cfg, device=ctx.device)
@@ -163,7 +208,10 @@ class DPO(PairObjective):
 
     def next_batch(self) -> MicroBatch:
         x, y, n, tokens = lm_batch(self._rows(), self.ctx.device)
-        return MicroBatch(inputs=(x, y), loss_units=n, tokens=tokens)
+        if self.anchor is None:
+            return MicroBatch(inputs=(x, y), loss_units=n, tokens=tokens)
+        tx, ty, targets, text_tokens = collate(self.anchor.take(self.ctx.dp_rank, self.ctx.dp_size).rows, self.ctx.device)
+        return MicroBatch(inputs=(x, y, tx, ty, targets), loss_units=n, tokens=tokens + text_tokens)
 
     def _pair_losses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         logp, counts = reply_logps(model, x, y)
@@ -177,9 +225,45 @@ class DPO(PairObjective):
                                counts[:n], counts[n:], gamma=self.cfg.gamma, nll_weight=self.cfg.nll_weight)
 
     def loss(self, model: nn.Module, batch: MicroBatch) -> torch.Tensor:
-        losses, chosen, rejected = self._pair_losses(model, *batch.inputs)
+        x, y, *text = batch.inputs
+        losses, chosen, rejected = self._pair_losses(model, x, y)
         self._record(chosen, rejected)
-        return losses.sum()
+        if not text:
+            return losses.sum()
+        tx, ty, targets = text
+        nll = model(tx, ty, reduction="sum")  # over the anchor's target tokens (a chat row's replies only)
+        row = torch.stack([nll.detach().float(), torch.tensor(float(targets), device=nll.device)])
+        self._ptx_acc = row if self._ptx_acc is None else self._ptx_acc + row
+        return losses.sum() + self.cfg.ptx_weight * len(losses) * nll / max(targets, 1)
+
+    def step_metrics(self) -> dict[str, float]:
+        out = super().step_metrics()
+        if self._ptx_acc is not None:
+            acc, self._ptx_acc = self.ctx.all_reduce_sum(self._ptx_acc).tolist(), None
+            out["ptx_loss"] = round(acc[0] / max(acc[1], 1.0), 5)
+        return out
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        out = super().evaluate(model)
+        if self.data_dir is not None:  # how far the policy drifted from the plain text it anchors on
+            both = torch.tensor(text_val_loss(model, self.data_dir, self.seq_len, self.cfg.batch_tokens,
+                                              self.cfg.eval_batches, self.ctx), dtype=torch.float64, device=self.ctx.device)
+            total, n = self.ctx.all_reduce_sum(both).tolist()
+            out["val_bpb"] = total / max(n, 1.0) / math.log(2) / bytes_per_token(self.data_dir, "val")
+        return out
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.anchor is not None:
+            state["ptx"] = self.anchor.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.anchor is not None:
+            if "ptx" not in state:
+                raise ConfigError("the checkpoint was trained without ptx_weight; resume with the same settings")
+            self.anchor.load_state_dict(state["ptx"])
 
     def _eval_batch(self, model: nn.Module, rows: list[PairRow]):
         x, y, _, _ = lm_batch(rows, self.ctx.device)
@@ -188,8 +272,11 @@ class DPO(PairObjective):
 
     def flops_per_token(self) -> float:
         policy = flops_per_token(self._model_cfg, self.seq_len)
-        # The reference's forward: a third of its training FLOPs (forward 1, backward 2).
-        return policy + (flops_per_token(self._ref_cfg, self.seq_len) / 3 if self.ref_from is not None else 0.0)
+        # The reference's forward: a third of its training FLOPs (forward 1, backward 2), on the pairs' tokens only.
+        ref = flops_per_token(self._ref_cfg, self.seq_len) / 3 if self.ref_from is not None else 0.0
+        if self.anchor is None:
+            return policy + ref
+        return policy + ref * self.cfg.batch_tokens / (self.cfg.batch_tokens + self.cfg.ptx_tokens)  # both at most full
 
 
 def dpo_loop(cfg: DPOConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False) -> TrainLoop:

@@ -25,7 +25,8 @@ nothing at all gives DEFAULT_MIXTURE, the built-in generative tasks and identity
 holds pretraining shards of the same tokenizer and no `text` source is listed, `text_share` of the
 training tokens (default 0.25) are plain text.
 
-This module turns specs into muse.data.chat sources; it knows no model and no training loop.
+This module turns specs into muse.data.chat sources; it knows no training loop, and no model beyond
+`text_val_loss` (the plays' val loss that SFT and DPO report as val_bpb).
 """
 
 from __future__ import annotations
@@ -215,6 +216,20 @@ def build_mixture(specs: list[SourceSpec], tok: Tokenizer, *, max_len: int, data
     if sum(weights) <= 0:
         raise DataError("every mixture weight is 0; give at least one source a positive weight")
     return Mixture(train, weights, val, text_val)
+
+
+def text_val_loss(model, data_dir: Path, seq_len: int, batch_tokens: int, eval_batches: int, ctx) -> tuple[float, int]:
+    """(summed loss, targets) of this rank's share of the first `eval_batches` val-split batches of `data_dir`,
+    batch_tokens // seq_len windows each: the plays' val_bpb that SFT and DPO report (sum over ranks first)."""
+    from muse.data import TokenLoader
+
+    loader = TokenLoader(data_dir, "val", max(1, batch_tokens // seq_len), seq_len, rank=ctx.dp_rank,
+                         world_size=ctx.dp_size, device=ctx.device)
+    total, n = 0.0, 0
+    for x, y in loader.eval_batches(eval_batches):
+        total += float(model(x, y, reduction="sum"))
+        n += int(y.numel())
+    return total, n
 
 
 def matching_data_dir(run_dir: Path, tok: Tokenizer) -> Path | None:

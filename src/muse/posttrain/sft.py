@@ -38,7 +38,7 @@ from muse.data import bytes_per_token
 from muse.data.chat import MixtureStream, collate
 from muse.distributed.parallelize import ParallelConfig
 from muse.model import ModelConfig, build_model
-from muse.posttrain.mixture import build_mixture, matching_data_dir, mixture_specs
+from muse.posttrain.mixture import build_mixture, matching_data_dir, mixture_specs, text_val_loss
 from muse.posttrain.start import open_start, train_seq_len
 from muse.train.config import layer_overrides
 from muse.train.loop import LoopConfig, TrainLoop
@@ -149,23 +149,12 @@ class SFT(Objective):
             i = j
         return total, n
 
-    def _text_loss(self, model: nn.Module) -> tuple[float, int]:
-        from muse.data import TokenLoader
-
-        batch = max(1, self.cfg.batch_tokens // self.seq_len)
-        loader = TokenLoader(self.data_dir, "val", batch, self.seq_len, rank=self.ctx.dp_rank,
-                             world_size=self.ctx.dp_size, device=self.ctx.device)
-        total, n = 0.0, 0
-        for x, y in loader.eval_batches(self.cfg.eval_batches):
-            total += float(model(x, y, reduction="sum"))
-            n += int(y.numel())
-        return total, n
-
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         names, sums = [], []
         for name, val in self.mixture.val.items():
             if name == self.mixture.text_val:
-                total, n = self._text_loss(model)
+                total, n = text_val_loss(model, self.data_dir, self.seq_len, self.cfg.batch_tokens,
+                                         self.cfg.eval_batches, self.ctx)
             elif val is not None:
                 total, n = self._rows_loss(model, val.rows)
             else:

@@ -140,7 +140,7 @@ def load_dpo_config(config_file: str | Path | None = None, flags: dict | None = 
     if not cfg.nll_weight >= 0:
         raise ConfigError(f"nll_weight must be >= 0 (0: no NLL term), got {cfg.nll_weight}")
     if not cfg.ptx_weight >= 0:
-        raise ConfigError(f"ptx_weight must be >= 0 (0: no pretraining text), got {cfg.ptx_weight}")
+        raise ConfigError(f"ptx_weight must be >= 0 (0: no anchor), got {cfg.ptx_weight}")
     if cfg.ptx_tokens <= 0 or cfg.eval_batches <= 0:
         raise ConfigError(f"ptx_tokens and eval_batches must be positive, got {cfg.ptx_tokens}, {cfg.eval_batches}")
     if not 0 <= cfg.ptx_text_share < 1:
@@ -276,7 +276,8 @@ class DPO(PairObjective):
         ref = flops_per_token(self._ref_cfg, self.seq_len) / 3 if self.ref_from is not None else 0.0
         if self.anchor is None:
             return policy + ref
-        return policy + ref * self.cfg.batch_tokens / (self.cfg.batch_tokens + self.cfg.ptx_tokens)  # both at most full
+        # The reference reads the pairs' share of the tokens: batch_tokens of every batch_tokens + ptx_tokens (budgets).
+        return policy + ref * self.cfg.batch_tokens / (self.cfg.batch_tokens + self.cfg.ptx_tokens)
 
 
 def dpo_loop(cfg: DPOConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False) -> TrainLoop:

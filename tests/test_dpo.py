@@ -204,13 +204,15 @@ def ptx_run(tiny_run_with_model, tmp_path):
     return run, write_prefs(tmp_path / "prefs.jsonl")
 
 
-@pytest.mark.parametrize("mixture", ["", "spelling"])
+@pytest.mark.parametrize("mixture", ["", "spelling", "default"])
 def test_the_ptx_term_adds_the_anchor_nll_per_target_token(ptx_run, tmp_path, mixture):
     """Per pair: + ptx_weight x the anchor rows' NLL per target token, by hand; the anchor is the run's text by
     default, or a mixture file read as muse sft reads it (a task's replies only count, plus the text share)."""
     run, prefs = ptx_run
     flags = {"ptx_weight": 0.5, "ptx_tokens": 1024}
-    if mixture:
+    if mixture == "default":  # muse sft's default mixture, by name
+        flags["ptx_mixture"] = "default"
+    elif mixture:
         mix = tmp_path / "mix.toml"
         mix.write_text(f'[[source]]\ntask = "{mixture}"\n', encoding="utf-8")
         flags["ptx_mixture"] = str(mix)
@@ -230,6 +232,8 @@ def test_the_ptx_term_adds_the_anchor_nll_per_target_token(ptx_run, tmp_path, mi
         keep = ty != -1
         nll = -logp.gather(-1, ty.clamp(min=0)[..., None])[..., 0][keep].mean()
         assert abs(float(total) - (float(pair_losses.sum()) + 0.5 * batch.loss_units * float(nll))) < 1e-4
+    names = {s.name for s in obj.anchor.sources}
+    assert names == {"text"} if not mixture else ("text" in names and len(names) == (9 if mixture == "default" else 2))
     masked = [bool((b.inputs[3] == -1).any()) for b in batches]  # a chat row trains on its replies only
     assert any(masked) if mixture else not any(masked)
     metrics = obj.step_metrics()

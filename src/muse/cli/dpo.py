@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nll-weight", type=float,
                    help="add this times the chosen reply's NLL per token to the loss (RPO; default 0: none)")
     p.add_argument("--ptx-weight", type=float,
-                   help="add this times the NLL per token of the run's pretraining text (RUN_DIR/data) per pair; "
-                        "--set ptx_tokens=N sets the text tokens per micro-batch (default 0: no text)")
+                   help="add this times the NLL per token of anchor data per pair: the run's pretraining text "
+                        "(RUN_DIR/data), or --set ptx_mixture=FILE.toml|default (default 0: no anchor)")
     p.add_argument("--config", help="TOML file of settings (same keys as --set)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. optim.matrix_lr=0.001 or gamma=0.5 (repeatable)")

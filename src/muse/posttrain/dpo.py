@@ -21,9 +21,9 @@ An anchor (InstructGPT's "PPO-ptx", Ouyang et al. 2022, here on a preference los
 every micro-batch also reads up to `ptx_tokens` tokens of anchor data, and the loss gains, per pair,
 ptx_weight x that data's mean NLL per target token. The anchor data is the run's pretraining text (RUN/data's
 train split) by default, or `ptx_mixture`: a mixture file read exactly as `muse sft` reads it (its tasks,
-files and identity, plus the plays' text share when it lists no text source), so the SFT data itself can
-hold every skill SFT taught while the preferences move one. The NLL term above holds up the chosen
-replies; this holds up everything else the model could say. Drawn by the mixture stream, resumed exactly.
+files and identity, plus the plays' text share when it lists no text source; "default" = muse sft's default
+mixture), so the SFT data itself can hold every skill SFT taught while the preferences move one. The NLL
+term above holds up the chosen replies; this holds up everything else the model could say. Drawn by the mixture stream, resumed exactly.
 Logged as ptx_loss with every train row, and val_bpb on the plays' val split at each evaluation when the
 anchor reads them (measured on RLAIF's pairs in BENCHMARKS.md section 11).
 
@@ -62,7 +62,15 @@ from muse.common.logging import get_logger
 from muse.data import bytes_per_token
 from muse.data.chat import MixtureStream, collate
 from muse.model import ModelConfig, build_model, flops_per_token
-from muse.posttrain.mixture import SourceSpec, build_mixture, matching_data_dir, mixture_specs, text_val_loss
+from muse.posttrain.mixture import (
+    DEFAULT_MIXTURE,
+    SourceSpec,
+    build_mixture,
+    matching_data_dir,
+    mixture_specs,
+    parse_mixture,
+    text_val_loss,
+)
 from muse.posttrain.preference import PairConfig, PairObjective, PairRow, check_pair_config, lm_batch
 from muse.tokenizer import Tokenizer
 from muse.train.config import layer_overrides
@@ -123,7 +131,7 @@ class DPOConfig(PairConfig):
     gamma: float = 1.0  # simpo's target reward margin
     nll_weight: float = 0.0  # RPO: + nll_weight * the chosen reply's NLL per token (module docstring)
     ptx_weight: float = 0.0  # + ptx_weight * the anchor data's mean NLL per target token, per pair
-    ptx_mixture: str = ""  # the anchor data: "" = the run's pretraining text; else a mixture TOML (muse sft's)
+    ptx_mixture: str = ""  # the anchor: "" = the run's pretraining text; a mixture TOML (muse sft's); "default"
     ptx_tokens: int = 2048  # padded anchor tokens per micro-batch (per process) when ptx_weight > 0
     ptx_text_share: float = 0.25  # the plays' share of a ptx_mixture that lists no text source (as muse sft)
     eval_batches: int = 8  # val shard batches of batch_tokens for val_bpb (when ptx_weight > 0)
@@ -175,7 +183,12 @@ class DPO(PairObjective):
     def _anchor(self, cfg: DPOConfig) -> tuple[MixtureStream, Path | None]:
         """The ptx term's stream, and RUN/data when the anchor reads the plays (val_bpb)."""
         data_dir = matching_data_dir(self.run_dir, self.tokenizer)
-        specs = mixture_specs(cfg.ptx_mixture, []) if cfg.ptx_mixture else [SourceSpec("text", "train", "text", 1.0)]
+        if cfg.ptx_mixture == "default":  # muse sft's default mixture: the built-in tasks and identity
+            specs = parse_mixture(DEFAULT_MIXTURE, "the default mixture")
+        elif cfg.ptx_mixture:
+            specs = mixture_specs(cfg.ptx_mixture, [])
+        else:
+            specs = [SourceSpec("text", "train", "text", 1.0)]
         if data_dir is None and not cfg.ptx_mixture:
             raise ConfigError(f"ptx_weight trains on the run's pretraining text, but {self.run_dir / 'data'} holds no "
                               "shards made with the policy's tokenizer; run on the directory `muse prepare` filled, "

@@ -255,9 +255,17 @@ def test_ptx_settings_are_checked_with_one_line_errors(pref_run, ptx_run, capsys
         load_dpo_config(None, {"data": (str(prefs),), "ptx_mixture": "mix.toml"})
     with pytest.raises(ConfigError, match="ptx_weight must be >= 0"):
         load_dpo_config(None, {"data": (str(prefs),), "ptx_weight": -0.5})
+    with pytest.raises(ConfigError, match="ptx_tokens and eval_batches must be positive"):
+        load_dpo_config(None, {"data": (str(prefs),), "ptx_weight": 1.0, "ptx_tokens": 0})
+    with pytest.raises(ConfigError, match=r"ptx_text_share must be in \[0, 1\)"):
+        load_dpo_config(None, {"data": (str(prefs),), "ptx_weight": 1.0, "ptx_text_share": 1.0})
     run, prefs = ptx_run
     with pytest.raises(ConfigError, match="cannot hold one row of 256 tokens"):
         _objective(run, prefs, ptx_weight=1.0, ptx_tokens=100)
+    plain = _objective(run, prefs).state_dict()  # a checkpoint's state from a run without the anchor
+    anchored = _objective(run, prefs, ptx_weight=1.0)
+    with pytest.raises(ConfigError, match="trained without ptx_weight; resume with the same settings"):
+        anchored.load_state_dict(plain)
     (tmp_path / "bad.toml").write_text('[[source]]\ntask = "spelling"\nflavour = 1\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown key 'flavour'"):
         _objective(run, prefs, ptx_weight=1.0, ptx_mixture=str(tmp_path / "bad.toml"))

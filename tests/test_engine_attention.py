@@ -226,6 +226,21 @@ def test_backend_reaches_the_runner(model):
         Engine(model, EngineConfig(num_blocks=64, attention_backend="flex"))
 
 
+def test_sequence_step_takes_the_fused_cpu_kernel():
+    """SDPA on CPU fuses only 4-D inputs; 3-D ones fall back to the unfused math path (~2.4x slower for
+    a decode). The per-sequence path must reach the fused kernel for decodes, prefills and chunks."""
+    from torch.profiler import profile
+
+    pool = PagedKVPool(1, 16, 4, 4, 16)
+    spans = [SeqSpan(9, 1, [2, 3, 4]), SeqSpan(0, 5, [6, 7]), SeqSpan(4, 3, [9, 10])]  # decode, prefill, chunk
+    step = make_step("paged-contiguous", pool, spans)
+    q, k, v = (torch.randn(1, 4, 9, 16) for _ in range(3))
+    with torch.inference_mode(), profile() as prof:
+        step.attend(0, q, k, v)
+    kernels = [e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")]
+    assert kernels == ["aten::_scaled_dot_product_flash_attention_for_cpu"], kernels
+
+
 def test_flex_without_flex_attention_is_a_config_error(monkeypatch):
     """torch older than 2.5 has no torch.nn.attention.flex_attention: the backend is refused up front."""
     monkeypatch.setattr(flex_attention, "flex_attention", None)

@@ -33,7 +33,11 @@ per-sequence against 0.64 ms reference; 32 decodes of 30-230 tokens 8.7-9.6 ms p
 8.1-8.4 ms with matmul + softmax + matmul; 4.0 ms for the score matmuls alone) against 4.2-5.7 ms
 reference (2.1 ms for its key gather + per-block scores): at 32 sequences 128 small calls per step cost
 more than the gather saves. Per sequence ~0.28 ms against the reference's ~0.52 ms + 0.12 ms a sequence:
-even at 3, so "auto" attends per sequence up to 3.
+even at 3, so "auto" attended per sequence up to 3. Those SDPA calls took 3-D inputs, which torch's CPU
+flash kernel does not accept (it falls back to the unfused math path, ~2.4x slower for a decode: 41 vs
+17 us at a 150-token context). With 4-D inputs (2026-12-07, Zen 3, one thread, `bench/attention_step.py
+--decodes N`, two runs): 4 decodes 1.1-1.5 ms per sequence vs 1.5-2.1 reference, 6 decodes 1.4-1.6 vs
+1.6-1.8, 8 decodes 2.2-3.4 vs 2.2-3.0: "auto" attends per sequence up to 6.
 
 This module knows block ids, positions and the pool, not requests, sampling or the scheduler.
 """
@@ -53,7 +57,7 @@ from muse.infer.kv_blocks import cdiv
 from muse.infer.paged_cache import PagedKVPool, PagedStep, SeqSpan, StepPlan, long_tensor
 
 ATTENTION_BACKENDS = ("auto", "paged-reference", "paged-contiguous", "paged-decode", "flex", "flex-eager")
-AUTO_MAX_SEQS = 3  # "auto": steps of up to this many sequences attend per sequence (measured above)
+AUTO_MAX_SEQS = 6  # "auto": steps of up to this many sequences attend per sequence (measured above)
 
 
 def check_backend(name: str) -> str:
@@ -165,7 +169,9 @@ class SequenceStep:
             qs = q0[:, s.off:s.off + s.T]                              # (H, T, D)
             if ks.dtype != qs.dtype:  # a pool kept in another dtype than this step's autocast output
                 ks, vs = ks.to(qs.dtype), vs.to(qs.dtype)
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=s.mask, is_causal=s.causal,
-                                                       enable_gqa=gqa))
+            # 4-D: torch's CPU flash kernel takes only (B, H, L, D); 3-D inputs fall back to the unfused
+            # math path, ~2x slower for a decode (BENCHMARKS.md section 5, "Batch 1 at two threads")
+            outs.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=s.mask,
+                                                       is_causal=s.causal, enable_gqa=gqa))
         # every row belongs to one sequence, in order: the outputs side by side are the step's
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[None]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)

@@ -123,7 +123,9 @@ def test_pretraining_preset_drops_to_fp32_steps_where_training_computes_in_fp32(
     want = speedrun.FP32_PRESET if fp32 else speedrun.PRESET
     assert (cfg.max_steps, cfg.eval_every, cfg.save_every) == (want["max_steps"], want["eval_every"],
                                                                want["save_every"])
-    assert cfg.schedule.decay_frac == speedrun.PRESET["schedule.decay_frac"]
+    assert cfg.schedule.decay_frac == want.get("schedule.decay_frac", speedrun.PRESET["schedule.decay_frac"])
+    assert cfg.optim.matrix_lr == want.get("optim.matrix_lr", 0.02)
+    assert cfg.optim.head_lr == want.get("optim.head_lr", 0.004)  # base rates; for_width scales them in the loop
     sft = speedrun.FP32_SFT_STEPS if fp32 else speedrun.SFT_PRESET["max_steps"]
     assert speedrun.sft_steps(p.parse_args([]), cfg) == sft
     assert speedrun.sft_steps(p.parse_args(["--sft-steps", "0"]), cfg) == 0
@@ -131,3 +133,4 @@ def test_pretraining_preset_drops_to_fp32_steps_where_training_computes_in_fp32(
     assert speedrun.pretrain_config(p.parse_args(["--max-steps", "7"])).max_steps == 7
     cfg = speedrun.pretrain_config(p.parse_args(["--set", "max_steps=9", "--set", "eval_every=3"]))
     assert (cfg.max_steps, cfg.eval_every) == (9, 3)
+    assert speedrun.pretrain_config(p.parse_args(["--set", "optim.matrix_lr=0.01"])).optim.matrix_lr == 0.01

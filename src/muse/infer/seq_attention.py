@@ -36,8 +36,9 @@ more than the gather saves. Per sequence ~0.28 ms against the reference's ~0.52 
 even at 3, so "auto" attended per sequence up to 3. Those SDPA calls took 3-D inputs, which torch's CPU
 flash kernel does not accept (it falls back to the unfused math path, ~2.4x slower for a decode: 41 vs
 17 us at a 150-token context). With 4-D inputs (2026-12-07, Zen 3, one thread, `bench/attention_step.py
---decodes N`, two runs): 4 decodes 1.1-1.5 ms per sequence vs 1.5-2.1 reference, 6 decodes 1.4-1.6 vs
-1.6-1.8, 8 decodes 2.2-3.4 vs 2.2-3.0: "auto" attends per sequence up to 6.
+--decodes N`, two runs, a step's attention): 4 decodes 1.1-1.5 ms per sequence vs 1.5-2.1 ms reference, 6
+decodes 1.4-1.6 vs 1.6-1.8, 8 decodes 2.2-3.4 vs 2.2-3.0: "auto" attends per sequence up to 6 (measured on CPU
+only, as the 3 was).
 
 This module knows block ids, positions and the pool, not requests, sampling or the scheduler.
 """
@@ -170,7 +171,7 @@ class SequenceStep:
             if ks.dtype != qs.dtype:  # a pool kept in another dtype than this step's autocast output
                 ks, vs = ks.to(qs.dtype), vs.to(qs.dtype)
             # 4-D: torch's CPU flash kernel takes only (B, H, L, D); 3-D inputs fall back to the unfused
-            # math path, ~2x slower for a decode (BENCHMARKS.md section 5, "Batch 1 at two threads")
+            # math path, ~2.4x slower for a decode (BENCHMARKS.md section 5)
             outs.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=s.mask,
                                                        is_causal=s.causal, enable_gqa=gqa))
         # every row belongs to one sequence, in order: the outputs side by side are the step's

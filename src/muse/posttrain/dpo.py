@@ -23,7 +23,8 @@ ptx_weight x that data's mean NLL per target token. The anchor data is the run's
 train split) by default, or `ptx_mixture`: a mixture file read exactly as `muse sft` reads it (its tasks,
 files and identity, plus the plays' text share when it lists no text source; "default" = muse sft's default
 mixture), so the SFT data itself can hold every skill SFT taught while the preferences move one. The NLL
-term above holds up the chosen replies; this holds up everything else the model could say. Drawn by the mixture stream, resumed exactly.
+term above holds up the chosen replies; this holds up everything else the model could say. Drawn by the
+mixture stream, resumed exactly.
 Logged as ptx_loss with every train row, and val_bpb on the plays' val split at each evaluation when the
 anchor reads them (measured on RLAIF's pairs in BENCHMARKS.md section 11).
 
@@ -62,15 +63,7 @@ from muse.common.logging import get_logger
 from muse.data import bytes_per_token
 from muse.data.chat import MixtureStream, collate
 from muse.model import ModelConfig, build_model, flops_per_token
-from muse.posttrain.mixture import (
-    DEFAULT_MIXTURE,
-    SourceSpec,
-    build_mixture,
-    matching_data_dir,
-    mixture_specs,
-    parse_mixture,
-    text_val_loss,
-)
+from muse.posttrain.mixture import SourceSpec, build_mixture, matching_data_dir, mixture_specs, text_val_loss
 from muse.posttrain.preference import PairConfig, PairObjective, PairRow, check_pair_config, lm_batch
 from muse.tokenizer import Tokenizer
 from muse.train.config import layer_overrides
@@ -183,10 +176,8 @@ class DPO(PairObjective):
     def _anchor(self, cfg: DPOConfig) -> tuple[MixtureStream, Path | None]:
         """The ptx term's stream, and RUN/data when the anchor reads the plays (val_bpb)."""
         data_dir = matching_data_dir(self.run_dir, self.tokenizer)
-        if cfg.ptx_mixture == "default":  # muse sft's default mixture: the built-in tasks and identity
-            specs = parse_mixture(DEFAULT_MIXTURE, "the default mixture")
-        elif cfg.ptx_mixture:
-            specs = mixture_specs(cfg.ptx_mixture, [])
+        if cfg.ptx_mixture:  # a mixture file, or "default": what `muse sft` trains on when given none
+            specs = mixture_specs(None if cfg.ptx_mixture == "default" else cfg.ptx_mixture, [])
         else:
             specs = [SourceSpec("text", "train", "text", 1.0)]
         if data_dir is None and not cfg.ptx_mixture:

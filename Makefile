@@ -17,8 +17,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The suite on TEST_WORKERS processes (pytest-xdist): most tests pin one torch thread, so one process uses
+# one core; 2 workers on CI's 2 cores take ~60% of the serial wall time. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -15,9 +15,9 @@ Its cost is printed separately: the first window's time minus `--warmup` steady 
 the value starts with a dash).
 
 `--interleaved` measures differently, for a shared machine: one process, the baseline and every Muse
-variant taking one step in turn, medians of per-step times: CPU time with one thread (`--threads 1`, the
-default: the time a thread waits for a core is left out), wall time with more. Load from other jobs then
-hits every row alike.
+variant taking one step in turn (the order rotating by one row each round), medians of per-step times: CPU
+time with one thread (`--threads 1`, the default: the time a thread waits for a core is left out), wall time
+with more. Load from other jobs then hits every row alike.
 
   python bench/train_cpu.py --data runs/sp --depth 6 --steps 30 --repeats 3 [--muse-args="--dtype bfloat16"]
   python bench/train_cpu.py --data runs/sp --interleaved --steps 12 --muse-args= --muse-args=--compile
@@ -168,6 +168,14 @@ def _with_fusion(step, fuse: bool):
     return one
 
 
+def turn_order(names: list[str], i: int) -> list[str]:
+    """Round i's order of the rows: rotated by i, so that over len(names) rounds every row takes every place
+    once. A row's step time may depend on what ran just before it (caches, the allocator): a run in one fixed
+    order once put a row 21% behind, and the gap did not come back with the rows reordered (BENCHMARKS.md 6)."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 def interleaved(args, variants: list[str], vocab: int, d: int, h: int) -> None:
     """--interleaved: the baseline and each Muse variant take one step in turn in this process (Muse
     through its TrainLoop's own step function, built from the same flags as `muse train`), so drifting load
@@ -203,10 +211,11 @@ def interleaved(args, variants: list[str], vocab: int, d: int, h: int) -> None:
                 step = _with_fusion(step, fuse=flag == "--fused")
         steppers[f"muse train {v}"] = step
     times: dict[str, list[float]] = {k: [] for k in steppers}
+    names = list(steppers)
     for i in range(args.warmup + args.steps):
-        for name, step in steppers.items():
+        for name in turn_order(names, i):
             t0 = clock()
-            step()
+            steppers[name]()
             if i >= args.warmup:
                 times[name].append(clock() - t0)
     tmp.cleanup()

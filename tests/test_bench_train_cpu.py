@@ -29,3 +29,16 @@ def test_fusion_rows_need_interleaved(tiny_run, flag):
     cmd = [sys.executable, str(BENCH), "--data", str(tiny_run), f"--muse-args={flag}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--fused rows need --interleaved" in res.stderr
+
+
+def test_every_row_takes_every_place_in_turn():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train_cpu", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names = ["baseline", "a", "b"]
+    orders = [mod.turn_order(names, i) for i in range(6)]
+    assert orders[:3] == [["baseline", "a", "b"], ["a", "b", "baseline"], ["b", "baseline", "a"]]
+    assert orders[3:] == orders[:3]
+    for place in range(3):
+        assert sorted(o[place] for o in orders[:3]) == sorted(names)

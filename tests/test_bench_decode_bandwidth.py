@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+
+from bench_kit import load_bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_decode_bandwidth_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("decode_bandwidth",
-                                                  Path(__file__).parents[1] / "bench" / "decode_bandwidth.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("decode_bandwidth")
     out = tmp_path / "bw.json"
     assert bench.main(["--device", "cpu", "--depth", "2", "--d-model", "64", "--vocab-size", "512", "--prompt-len", "8",
                        "--max-tokens", "12", "--repeats", "1", "--copy-mib", "8", "--json-out", str(out)]) == 0

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).parents[1] / "bench" / "decode_compile.py"
+from bench_kit import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_decode_compile", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("decode_compile")
 
 
 @pytest.mark.slow

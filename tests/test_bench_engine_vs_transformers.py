@@ -3,11 +3,11 @@ when transformers runs other weights."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from bench_kit import load_bench
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,11 +18,7 @@ TINY = ["--depth", "1", "--vocab-size", "512", "--max-seq-len", "64", "--prompts
 
 
 def _bench():
-    path = Path(__file__).parents[1] / "bench" / "engine_vs_transformers.py"
-    spec = importlib.util.spec_from_file_location("engine_vs_transformers", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("engine_vs_transformers")
 
 
 def test_same_weights_give_identical_outputs(capsys):

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from bench_kit import load_bench
 from muse.train.schedule import ScheduleConfig, lr_multiplier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BENCH = Path(__file__).parents[1] / "bench"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_grpo", BENCH / "grpo.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("grpo")
 
 
 class _FakeLoop:

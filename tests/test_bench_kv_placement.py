@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
+
+from bench_kit import load_bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("kv_placement", Path(__file__).parents[1] / "bench" / "kv_placement.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("kv_placement")
 
 
 def test_placement_reads_more_adjacent_blocks_than_lru():

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from bench_kit import load_bench
 from muse.train.muon import zeropower_via_newtonschulz5
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("newton_schulz", Path(__file__).parents[1] / "bench" / "newton_schulz.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("newton_schulz")
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 40), (2, 40, 16)])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from bench_kit import load_bench
 from muse.posttrain.mixture import load_mixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,10 +17,7 @@ MIXTURE = BENCH / "arithmetic_mixture.toml"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_posttrain", BENCH / "posttrain.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("posttrain")
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,19 @@ the engine's counters, over HTTP and in the database file.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(60)
+from bench_kit import load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def serve_load():
-    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = mod  # dataclasses look their module up by name
     try:
-        spec.loader.exec_module(mod)
-        yield mod
+        yield load_bench("serve_load", register=True)  # dataclasses look their module up by name
     finally:
         sys.modules.pop("serve_load", None)
 

@@ -8,11 +8,12 @@ counter == the ledger, and the burst admits exactly 10 requests and leaves the l
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench_kit import load_bench
 
 pytest_plugins = ["pg_kit"]   # the pg_cluster and pg_url fixtures: a real PostgreSQL
 
@@ -26,12 +27,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def serve_replicas():
     sys.path.insert(0, str(BENCH))
     try:
-        for name in ("serve_load", "serve_replicas"):
-            spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod  # dataclasses look their module up by name
-            spec.loader.exec_module(mod)
-        yield sys.modules["serve_replicas"]
+        load_bench("serve_load", register=True)  # dataclasses look their module up by name
+        yield load_bench("serve_replicas", register=True)
     finally:
         sys.modules.pop("serve_load", None)
         sys.modules.pop("serve_replicas", None)

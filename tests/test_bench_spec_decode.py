@@ -3,12 +3,12 @@ draft checkpoint, and every speculative row's greedy output equal to plain decod
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+
+from bench_kit import load_bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,10 +24,7 @@ def test_spec_decode_report(tiny_run, tmp_path):
         model = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=depth, d_model=64, n_head=2, n_kv_head=1,
                                         max_seq_len=96, init_std=0.2))
         save_checkpoint(run / "base", 1, model=model, tokenizer=tok)
-    spec = importlib.util.spec_from_file_location("spec_decode",
-                                                  Path(__file__).parents[1] / "bench" / "spec_decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("spec_decode")
     out = tmp_path / "sd.json"
     assert bench.main(["--target", str(tiny_run), "--draft", str(tmp_path / "draft"), "--device", "cpu",
                        "--prompts", "3", "--prompt-len", "16", "--max-tokens", "12", "--k", "2", "3",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from bench_kit import load_bench
+
 BENCH = Path(__file__).parents[1] / "bench" / "train_cpu.py"
 
 
@@ -32,10 +34,7 @@ def test_fusion_rows_need_interleaved(tiny_run, flag):
 
 
 def test_every_row_takes_every_place_in_turn():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_train_cpu", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("train_cpu")
     names = ["baseline", "a", "b"]
     orders = [mod.turn_order(names, i) for i in range(6)]
     assert orders[:3] == [["baseline", "a", "b"], ["a", "b", "baseline"], ["b", "baseline", "a"]]
